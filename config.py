@@ -1,0 +1,213 @@
+"""One typed configuration mechanism for every bookgpt script.
+
+Precedence, lowest to highest:  dataclass defaults  <-  TOML files  <-  --key=value.
+
+    cfg = parse_config(TrainConfig, sys.argv[1:])
+
+Positional arguments ending in .toml are config files (flat `key = value` tables,
+read with tomllib: data, never code). `--key=value` and `--key value` override them.
+Types come from the dataclass annotations; an unknown key names the closest valid
+keys, a bad value names the key and the type it wants. Errors a user can cause are
+raised as UserError, which `cli()` turns into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (shown by --help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------- values
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a TOML value or a command-line string to the field's type, or raise UserError."""
+    bad = UserError(f"bad value for '{key}': {value!r} is not a valid {_type_name(tp)}")
+    if isinstance(value, str) and tp is not str:
+        text = value.strip()
+        if tp is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise bad
+        try:
+            return tp(text) if tp is not int else int(text, 10)
+        except ValueError:
+            if tp is int:  # allow 1e4 or 2000.0 for integers when they are whole
+                try:
+                    f = float(text)
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+            raise bad from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, valid: Sequence[str], where: str) -> UserError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    return UserError(f"unknown config key '{key}'{where}; {hint}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML config file; tables are rejected so every key stays visible."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse config file {p}: {e}") from None
+    for k, v in data.items():
+        if isinstance(v, dict):
+            raise UserError(f"config file {p}: table [{k}] is not supported, write flat 'key = value' lines")
+    return data
+
+
+def apply_overrides(cfg: T, values: dict[str, Any], where: str = "") -> T:
+    """Return a copy of dataclass `cfg` with `values` applied, type-checked."""
+    types = _fields(type(cfg))
+    out = {}
+    for k, v in values.items():
+        if k not in types:
+            raise _unknown(k, list(types), where)
+        out[k] = coerce(k, v, types[k])
+    return dataclasses.replace(cfg, **out)
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Split argv into config files and {key: raw value} overrides (both --k=v and --k v)."""
+    files: list[str] = []
+    overrides: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            body = a[2:]
+            if "=" in body:
+                k, v = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                k, v = body, args[i + 1]
+                i += 1
+            else:
+                k, v = body, "true"  # a bare --flag means true
+            overrides[k.replace("-", "_")] = v
+        elif a.endswith(".toml"):
+            files.append(a)
+        else:
+            raise UserError(f"unexpected argument '{a}': pass config files ending in .toml and --key=value options")
+        i += 1
+    return files, overrides
+
+
+def format_help(cls: type, prog: str, doc: str = "") -> str:
+    lines = [f"usage: python {prog} [config/X.toml ...] [--key=value ...]", ""]
+    if doc:
+        lines += [doc.strip(), ""]
+    types = _fields(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  --{f.name}={default!r:<12} ({_type_name(types[f.name])}) {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], argv: Sequence[str], prog: str = "", doc: str = "") -> T:
+    """Defaults <- each TOML file in order <- --key=value overrides. `--help` prints and exits 0."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(format_help(cls, prog or Path(sys.argv[0]).name, doc))
+        raise SystemExit(0)
+    files, overrides = split_argv(argv)
+    cfg = cls()
+    for f in files:
+        cfg = apply_overrides(cfg, read_toml(f), where=f" in {f}")
+    return apply_overrides(cfg, overrides, where=" on the command line")
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def cli(main: Callable[[list[str]], Any]) -> None:
+    """Run `main(argv)`; a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
