@@ -1,0 +1,110 @@
+"""Checkpoints: one schema, atomic saves, safe loads.
+
+A checkpoint is a dict of tensors and plain values, saved with torch.save into a temp
+file that is renamed over the old one (a crash leaves the previous good file), and
+loaded with torch.load(weights_only=True), which refuses to run code from a pickle.
+
+    {"format": "bookgpt", "version": 1,
+     "model": state_dict of the *uncompiled, unwrapped* module (no `_orig_mod.` / `module.`),
+     "optimizer": state_dict or None, "scaler": state_dict or None,
+     "config": the training config (dict), "model_config": GPTConfig as a dict,
+     "meta": the data directory's meta.json, "iter_num": int, "best_val_loss": float,
+     "best_iter": int, "evals_since_best": int, "tokens_seen": int, "rng": {...}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import UserError, atomic_open
+from model import GPT, GPTConfig
+
+FORMAT, VERSION = "bookgpt", 1
+FILES = {"best": "best.pt", "latest": "ckpt.pt"}
+
+
+def checkpoint_path(out_dir: str | Path, which: str = "best") -> Path:
+    if which not in FILES:
+        raise UserError(f"unknown checkpoint '{which}': use best or latest")
+    return Path(out_dir) / FILES[which]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, **fields: Any) -> None:
+    """Save the unwrapped model's weights with `fields` (see the schema above), atomically."""
+    plain = unwrap(model)
+    state = {"format": FORMAT, "version": VERSION, "model": plain.state_dict(),
+             "model_config": dataclasses.asdict(plain.config), **fields}
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint; every way it can be wrong is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train first (python train.py ...) or check --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something: not a plain checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise UserError(f"{path} is not a bookgpt checkpoint and was not loaded (safe loading: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); "
+                        f"use the other checkpoint (--ckpt=best/latest) or train again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a bookgpt checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise UserError(f"{path} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> GPT:
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} does not match this version of model.py: {first}") from None
+    return model
+
+
+def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The trained model (eval mode, on device) and info: config, meta, tokenizer, iter_num, best_val_loss."""
+    from tokenizer import tokenizer_from_meta  # here, so model-only users need not import tokenizer deps
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"run directory not found: {out_dir} (pass --out_dir=out/RUN of a trained run)")
+    path = checkpoint_path(out_dir, which)
+    ckpt = load_checkpoint(path, device)
+    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    meta = ckpt["meta"]
+    info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}
+    info.update(meta=meta, path=str(path), tokenizer=tokenizer_from_meta(meta, out_dir))
+    return model, info
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,317 @@
+"""The GPT: a decoder-only transformer, small enough to read in one sitting.
+
+Token embedding (+ learned positions or rotary), pre-norm blocks of causal
+self-attention through F.scaled_dot_product_attention (flash / memory-efficient
+kernels on GPU, the fused kernel on CPU) and an MLP, a final norm, and an output
+head tied to the embedding by default. `generate` samples with a KV cache that
+gives the same tokens as recomputing the whole context every step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256       # longest context the model sees
+    vocab_size: int = 104
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False          # biases in Linear layers and norms (GPT-2 had them)
+    pos_emb: str = "learned"    # "learned" absolute positions or "rope" (rotary)
+    norm: str = "layernorm"     # "layernorm" or "rmsnorm"
+    qk_norm: bool = False       # normalise queries and keys per head before attention
+    mlp: str = "gelu"           # "gelu", "relu2" (squared ReLU) or "swiglu"
+    mlp_ratio: float = 4.0      # hidden width / n_embd (swiglu uses 2/3 of it, same params)
+    tie_weights: bool = True    # output head shares the token embedding
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
+        if self.mlp not in ("gelu", "relu2", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu', 'relu2' or 'swiglu', not {self.mlp!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd / n_head)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Pick the model's keys out of a larger (training) config dict."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-5)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) of the last dim by position-dependent angles. x: (B, nh, T, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class KVCache:
+    """Preallocated keys and values of every layer for one generation: (B, nh, block_size, hd)."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, n_head, length, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = 0  # number of positions filled
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True  # scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            causal = True
+        else:
+            # Write this step's keys/values, then attend over everything cached so far.
+            start, end = cache.pos, cache.pos + T
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
+            if start and T > 1:
+                raise ValueError("a KV cache prefill must start at position 0")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        hidden = int(config.mlp_ratio * config.n_embd)
+        if self.kind == "swiglu":  # two input matrices: 2/3 of the width keeps the parameter count
+            hidden = 8 * math.ceil(2 * hidden / 3 / 8)
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init; projections into the residual stream are scaled by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # --------------------------------------------------------------- accounting
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (shared ones once). non_embedding drops the position table, and the
+        token table too when it is not also the output head (a lookup costs no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+        6 per weight of every matrix a token goes through (output head included), plus
+        12 * n_layer * n_embd * T for the attention scores and the weighted sum of values."""
+        T = seq_len or self.config.block_size
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+    # --------------------------------------------------------------- forward
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy if targets are given."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.ln_f(x))
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --------------------------------------------------------------- sampling
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                        top_k: int | None = None, top_p: float | None = None,
+                        generator: torch.Generator | None = None, use_cache: bool = True):
+        """Yield the next token ids (B,) one step at a time.
+
+        The context window moves in jumps: when it is full, the oldest quarter is dropped
+        and the rest is re-read (into the cache, or recomputed without one), so every token
+        sees at least 3/4 of block_size of context and the cache never changes the output.
+        """
+        block = self.config.block_size
+        keep = block - max(1, block // 4)
+        seq = idx
+        window = max(0, seq.size(1) - block)  # index of the first token in the context window
+        cache, logits = None, None
+        for _ in range(max_new_tokens):
+            if seq.size(1) - window > block:  # full: jump the window forward
+                window = seq.size(1) - keep
+                cache = None
+            if use_cache and cache is not None:
+                logits, _ = self(seq[:, -1:], cache=cache)
+            else:
+                if use_cache:
+                    cache = self.new_cache(seq.size(0), seq.device, self.lm_head.weight.dtype)
+                logits, _ = self(seq[:, window:], cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            yield nxt
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V). temperature <= 0 is greedy (argmax).
+
+    Draws exactly one uniform number per row from `generator`, so two runs with the same
+    seed make the same choices whatever path computed the logits."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens more likely than it already hold top_p of the mass
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(probs.size(-1) - 1)

@@ -1,0 +1,116 @@
+"""Generate text from a trained run, streamed to the terminal as it is written.
+
+    python sample.py --out_dir=out/wp_char_cpu --prompt="Prince Andrew" --num_samples=3
+    python sample.py --out_dir=out/wp_char_cpu --prompt_file=prompt.txt --temperature=0
+
+temperature=0 is greedy decoding (always the most likely token); top_k=0 and top_p=1 are off.
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from checkpoint import load_for_inference
+from config import UserError, cli, opt, parse_config
+from model import GPT
+from train import autocast, resolve_device, resolve_dtype
+
+MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = opt("out/wp_char_cpu", "run directory written by train.py")
+    ckpt: str = opt("best", "best (lowest val loss) or latest")
+    prompt: str = opt("\n", "text to continue")
+    prompt_file: str = opt("", "read the prompt from this file instead")
+    num_samples: int = opt(3, "how many continuations")
+    max_new_tokens: int = opt(500, "tokens to generate per sample")
+    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = opt(50, "sample among the k most likely tokens (0 = off)")
+    top_p: float = opt(0.95, "nucleus sampling: smallest set with this much probability (1 = off)")
+    seed: int = opt(1, "random seed: the same seed gives the same samples")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    if not prompt:
+        raise UserError("the prompt is empty: pass --prompt=\"some text\" or --prompt_file=FILE")
+    return tokenizer.encode(prompt)  # a char tokenizer raises UserError naming unknown characters
+
+
+def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500, temperature: float = 0.8,
+                top_k: int = 50, top_p: float = 0.95, seed: int = 1, dtype: str = "float32",
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece as tokens are sampled.
+
+    Byte and BPE tokens can end inside a UTF-8 character; an incremental decoder holds such
+    bytes back until the character is complete. Pass `generator` to continue one random
+    stream across several samples (sample.py does, so --seed fixes all of them)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with autocast(device.type, dtype):
+        for tok in model.generate_stream(ids, max_new_tokens, temperature, top_k or None,
+                                         top_p if top_p < 1 else None, generator):
+            piece = decoder.decode(tokenizer.decode_bytes([int(tok[0])]))
+            if piece:
+                yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(SampleConfig, argv, prog="sample.py", doc=__doc__.split("\n\n")[0])
+    prompt = cfg.prompt
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"prompt file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"prompt file {path} is not UTF-8 text") from None
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
+    device = resolve_device(cfg.device)
+    model, info = load_for_inference(cfg.out_dir, cfg.ckpt, device)
+    tokenizer = info["tokenizer"]
+    encode_prompt(tokenizer, prompt)  # fail on a bad prompt before printing anything
+    dtype = resolve_dtype(cfg.dtype, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = sys.stdout
+    for i in range(cfg.num_samples):
+        out.write(f"---------- sample {i + 1} of {cfg.num_samples}\n{prompt}")
+        for piece in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, dtype=dtype, generator=gen):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    cli(main)
