@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -306,8 +307,17 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
@@ -397,13 +407,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"
     try:
-        return _train(cfg, device, d)
+        with StopFlag() as stop:
+            return _train(cfg, device, d, stop)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: str, d: Dist) -> dict[str, Any]:
+def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UserError("dtype=bfloat16 is not supported by this GPU; use dtype=float16 or auto")
@@ -516,7 +527,6 @@ def _train(cfg: TrainConfig, device: str, d: Dist) -> dict[str, Any]:
     # ------------------------------------------------------------------ the loop
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=state["iter_num"], disable=not d.master, dynamic_ncols=True)
-    stop = StopFlag()
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     lr_now = cfg.learning_rate * lr_factor(cfg, state["iter_num"], state["iter_num"] / decay_iters)
     reason = "max_iters"

@@ -1,0 +1,73 @@
+"""Shared test fixtures. Tests read the book and tokenizer files from ../shared beside the repo
+and never touch the internet."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))  # import the flat modules (config, tokenizer, ...) from any cwd
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared beside the repository "
+                    "(the book in shared/data, GPT-2's files in shared/tokenizers/gpt2)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def book_path(shared_dir: Path) -> Path:
+    """The Gutenberg file of War and Peace, exactly as prepare.py would download it."""
+    return _need(shared_dir / "data" / "pg2600.txt")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(shared_dir: Path) -> Path:
+    return _need(shared_dir / "tokenizers" / "gpt2")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the internet: GPT-2 loads from ../shared, and sockets may only reach this machine."""
+    monkeypatch.setenv("BOOKGPT_GPT2_DIR", str(SHARED / "tokenizers" / "gpt2"))
+    real_connect = socket.socket.connect
+
+    def connect(self: socket.socket, address) -> None:  # type: ignore[no-untyped-def]
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"tests must not use the network (tried to connect to {address})")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(scope="session")
+def tiny_char_data(tmp_path_factory: pytest.TempPathFactory, book_path: Path) -> Path:
+    """A char-level dataset of the book's first ~200k characters, prepared by prepare.py
+    (session-wide: tests that train read it, none write to it)."""
+    from prepare import PrepareConfig, clean_text, decode_text, prepare
+
+    text, _ = clean_text(decode_text(book_path.read_bytes()))
+    root = tmp_path_factory.mktemp("tiny_char")
+    src = root / "book_slice.txt"
+    src.write_text(text[:200_000], encoding="utf-8")
+    prepare(PrepareConfig(tokenizer="char", input=str(src), out_dir=str(root / "data")))
+    return root / "data"
+
+
+def tiny_train_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
+    """Command-line arguments for a seconds-long train.py run of a tiny model."""
+    args = {"data_dir": data_dir, "out_dir": out_dir, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
+            "batch_size": 4, "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 1,
+            "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0, **overrides}
+    return [f"--{k}={v}" for k, v in args.items()]

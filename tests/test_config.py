@@ -1,0 +1,98 @@
+"""config.py: defaults <- TOML files <- --key=value, with types and clear errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import UserError, atomic_write_bytes, parse_config, split_argv
+from train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_defaults_then_files_in_order_then_overrides(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('n_layer = 3\nlearning_rate = 0.01\nout_dir = "out/a"\n')
+    b.write_text("n_layer = 5\ncompile = true\n")
+    cfg = parse_config(TrainConfig, [str(a), str(b), "--learning_rate=3e-4", "--n_embd", "64"])
+    assert cfg.n_layer == 5               # b.toml beats a.toml
+    assert cfg.learning_rate == 3e-4      # the command line beats both
+    assert cfg.n_embd == 64               # "--key value" form
+    assert cfg.out_dir == "out/a" and cfg.compile is True
+    assert cfg.n_head == TrainConfig().n_head  # untouched: the default
+
+
+def test_types_come_from_the_dataclass() -> None:
+    cfg = parse_config(TrainConfig, ["--max_iters=1e3", "--dropout=0", "--bias=yes", "--wandb_log"])
+    assert cfg.max_iters == 1000 and isinstance(cfg.max_iters, int)
+    assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
+    assert cfg.bias is True and cfg.wandb_log is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers=3"], "unknown config key 'n_layers'.*did you mean n_layer"),
+    (["--learning_rat=1"], "did you mean learning_rate"),
+    (["--n_layer=three"], "bad value for 'n_layer': 'three' is not a valid int"),
+    (["--max_iters=2.5"], "bad value for 'max_iters'"),
+    (["--compile=maybe"], "bad value for 'compile'"),
+    (["notes.txt"], "unexpected argument"),
+    (["missing.toml"], "config file not found"),
+])
+def test_errors_name_the_key_and_the_fix(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_config(TrainConfig, argv)
+
+
+def test_toml_type_mismatch_and_unknown_key_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('n_layer = "six"\n')
+    with pytest.raises(UserError, match="'n_layer'.*not a valid int"):
+        parse_config(TrainConfig, [str(bad)])
+    bad.write_text("batch_sise = 4\n")
+    with pytest.raises(UserError, match=f"batch_sise.*{bad.name}.*batch_size"):
+        parse_config(TrainConfig, [str(bad)])
+    bad.write_text("[model]\nn_layer = 2\n")
+    with pytest.raises(UserError, match="flat"):
+        parse_config(TrainConfig, [str(bad)])
+    bad.write_text("n_layer = = 2\n")
+    with pytest.raises(UserError, match="cannot parse"):
+        parse_config(TrainConfig, [str(bad)])
+
+
+def test_config_files_are_data_not_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.toml"
+    evil.write_text(f'out_dir = "__import__(\'os\').system(\'touch {marker}\')"\n')
+    cfg = parse_config(TrainConfig, [str(evil)])
+    assert cfg.out_dir.startswith("__import__") and not marker.exists()
+
+
+def test_cli_prints_one_error_line_and_exits_2() -> None:
+    r = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown config key 'n_layr' on the command line; did you mean n_layer, min_lr, muon_lr?"]
+
+
+def test_help_lists_every_key() -> None:
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    for key in ("--n_layer", "--early_stop_patience", "--max_minutes", "--data_dir", "--wandb_log"):
+        assert key in r.stdout
+
+
+def test_presets_parse() -> None:
+    for preset in sorted((ROOT / "config").glob("*.toml")):
+        parse_config(TrainConfig, [str(preset)])
+
+
+def test_split_argv_and_atomic_write(tmp_path: Path) -> None:
+    files, over = split_argv(["a.toml", "--x=1", "--flag", "--y", "2"])
+    assert files == ["a.toml"] and over == {"x": "1", "flag": "true", "y": "2"}
+    target = tmp_path / "f.json"
+    atomic_write_bytes(target, json.dumps({"a": 1}).encode())
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind

@@ -1,0 +1,139 @@
+"""model.py: shapes, the loss at init, KV-cache equivalence, architecture options, accounting."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, apply_rope, rope_tables, sample_next
+
+VARIANTS = {
+    "gpt2": {},
+    "modern": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", tie_weights=False, logit_softcap=15.0),
+    "relu2": dict(mlp="relu2", bias=True),
+}
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_loss_at_init_is_ln_vocab(variant: str) -> None:
+    model = tiny(**VARIANTS[variant])
+    idx, targets = torch.randint(0, 37, (2, 3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 37)
+    # small init: predictions are near uniform, so the loss on random targets is near ln(vocab)
+    # (targets = inputs would not do: a tied head slightly favours repeating the input token)
+    assert abs(loss.item() - math.log(37)) < 0.15
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_generates_the_same_tokens_as_recomputing(variant: str) -> None:
+    model = tiny(**VARIANTS[variant])
+    prompt = torch.randint(0, 37, (2, 5))
+    # 60 new tokens with block_size 16: the context window jumps several times
+    kw = dict(max_new_tokens=60, temperature=1.0, top_k=20, top_p=0.9)
+    cached = model.generate(prompt, **kw, generator=torch.Generator().manual_seed(3))
+    plain = model.generate(prompt, **kw, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert cached.shape == (2, 65)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached[:, :5], prompt)
+
+
+def test_cached_logits_match_full_forward() -> None:
+    model = tiny(pos_emb="rope")
+    seq = torch.randint(0, 37, (1, 12))
+    full, _ = model(seq)
+    cache = model.new_cache(1, seq.device, torch.float32)
+    first, _ = model(seq[:, :7], cache=cache)
+    steps = [model(seq[:, i:i + 1], cache=cache)[0] for i in range(7, 12)]
+    stepped = torch.cat([first] + steps, dim=1)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_longer_than_block_is_cropped() -> None:
+    model = tiny()
+    prompt = torch.randint(0, 37, (1, 40))
+    out = model.generate(prompt, 5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 45)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_sampling_controls() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    assert sample_next(logits, temperature=0).item() == 1  # greedy
+    draws = {sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(50)}
+    assert draws == {1, 3}  # top-k keeps the two best
+    # top_p: token 1 alone holds < 0.6 of the mass, tokens {1, 3} hold more: only those can be drawn
+    draws = {sample_next(logits, 1.0, top_p=0.6, generator=torch.Generator().manual_seed(s)).item() for s in range(50)}
+    assert draws == {1, 3}
+
+
+def test_weight_tying_and_param_counts() -> None:
+    tied, untied = tiny(), tiny(tie_weights=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight
+    emb = 37 * 32
+    assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == emb
+    # non-embedding count drops the position table (and the input table when it is not the head)
+    assert tied.num_params(non_embedding=False) - tied.num_params() == 16 * 32
+    assert untied.num_params(non_embedding=False) - untied.num_params() == 16 * 32 + emb
+
+
+def test_flops_per_token_hand_count() -> None:
+    model = tiny()  # L=2, C=32, T=16, V=37, 4x MLP, no biases
+    C, L, T, V = 32, 2, 16, 37
+    per_layer = 3 * C * C + C * C + 4 * C * C + 4 * C * C  # qkv, proj, fc, mlp proj
+    matmul = L * per_layer + V * C  # + output head
+    assert model.flops_per_token() == 6 * matmul + 12 * L * C * T
+    assert model.estimate_mfu(tokens_per_s=1000, peak_flops=model.flops_per_token() * 1000) == pytest.approx(1.0)
+
+
+def test_swiglu_keeps_the_parameter_count_close() -> None:
+    gelu, swiglu = tiny(), tiny(mlp="swiglu")
+    assert abs(swiglu.num_params() - gelu.num_params()) / gelu.num_params() < 0.05
+
+
+def test_rope_preserves_norms_and_depends_on_relative_position() -> None:
+    torch.manual_seed(0)
+    hd = 8
+    cos, sin = rope_tables(hd, 64, 10000.0)
+    q, k = torch.randn(hd), torch.randn(hd)
+
+    def at(x: torch.Tensor, pos: int) -> torch.Tensor:
+        return apply_rope(x.view(1, 1, 1, hd), cos[pos:pos + 1], sin[pos:pos + 1]).view(hd)
+
+    torch.testing.assert_close(at(q, 5).norm(), q.norm())
+    # the score of q at m and k at n depends only on m - n
+    torch.testing.assert_close(at(q, 9) @ at(k, 4), at(q, 30) @ at(k, 25), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(at(q, 9) @ at(k, 4), at(q, 9) @ at(k, 5))
+
+
+def test_logit_softcap_bounds_logits() -> None:
+    model = tiny(logit_softcap=2.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    logits, _ = model(torch.randint(0, 37, (1, 8)))
+    assert logits.abs().max() <= 2.0
+
+
+def test_qk_norm_normalises_heads() -> None:
+    model = tiny(qk_norm=True, norm="rmsnorm")
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, attn.head_dim) * 10
+    rms = attn.q_norm(x).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
+
+
+def test_bad_config_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="mlp"):
+        GPTConfig(mlp="tanh")
