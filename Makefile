@@ -6,6 +6,8 @@ PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
 .PHONY: install dev test demo clean
 
+RUN ?= out/wp_char_cpu
+
 install:
 	$(PY) -c "import torch, numpy, tiktoken, rustbpe, requests, tqdm, matplotlib" 2>/dev/null \
 	  || $(PY) -m pip install -r requirements.txt
@@ -16,5 +18,14 @@ dev: install
 test: dev
 	$(PY) -m pytest -q tests
 
+# prepare the book, train the 2-core CPU preset (~10 min), evaluate it, and write three samples
+demo: install
+	$(PY) prepare.py --tokenizer=char $(PREPARE_INPUT) \
+	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
+	$(PY) train.py config/wp_char_cpu.toml --out_dir=$(RUN)
+	$(PY) evaluate.py --out_dir=$(RUN)
+	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
+	  --prompt="Prince Andrew looked at Pierre and"
+
 clean:
-	rm -rf out/demo
+	rm -rf $(RUN)
