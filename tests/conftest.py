@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,15 +41,21 @@ def gpt2_dir(shared_dir: Path) -> Path:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the internet: GPT-2 loads from ../shared, and sockets may only reach this machine."""
     monkeypatch.setenv("BOOKGPT_GPT2_DIR", str(SHARED / "tokenizers" / "gpt2"))
-    real_connect = socket.socket.connect
+    local = {None, "", "localhost", "127.0.0.1", "::1", socket.gethostname()}
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
-    def connect(self: socket.socket, address) -> None:  # type: ignore[no-untyped-def]
-        host = address[0] if isinstance(address, tuple) else None
-        if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+    def connect(self: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and address[0] not in local:
             raise OSError(f"tests must not use the network (tried to connect to {address})")
         return real_connect(self, address)
 
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) not in local:
+            raise socket.gaierror(f"tests must not use the network (tried to look up {host})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
     monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 @pytest.fixture(scope="session")
