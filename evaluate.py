@@ -1,0 +1,847 @@
+"""Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, curves.
+
+    python evaluate.py --out_dir=out/wp_char_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N]
+
+1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
+   perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
+   of context except at the very start. Reported as nats/token, perplexity, bits per character and
+   bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
+2. Baselines on the same split, fitted on the train split: a byte unigram, byte-level interpolated
+   Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
+3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
+   longest span found verbatim in the training text) and style (distances to the book's statistics),
+   beside the same figures for the real continuation of the same prompts.
+4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
+
+Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically.
+"""
+from __future__ import annotations
+
+import bz2
+import hashlib
+import io
+import json
+import lzma
+import math
+import random
+import re
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoint import load_for_inference
+from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
+from tokenizer import read_meta
+from sample import check_sampling
+from train import autocast, resolve_device, resolve_dtype
+
+LN2 = math.log(2)
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = opt("out/wp_char_cpu", "run directory written by train.py")
+    split: str = opt("val", "val or test (test needs prepare.py --test_fraction > 0)")
+    ckpt: str = opt("best", "best (lowest val loss) or latest")
+    data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
+    stride: int = opt(0, "tokens scored per window; context >= block_size - stride (0 = block_size // 2)")
+    batch_size: int = opt(16, "windows per forward pass")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
+    baselines: bool = opt(True, "compute (or read cached) n-gram and compressor baselines")
+    ngram_order: int = opt(8, "highest Kneser-Ney n-gram order (2..8)")
+    num_prompts: int = opt(8, "held-out prompts to continue for the memorisation/style checks (0 = skip)")
+    prompt_chars: int = opt(200, "characters per prompt")
+    gen_tokens: int = opt(500, "tokens generated per prompt")
+    temperature: float = opt(0.8, "sampling temperature (sample.py's default)")
+    top_k: int = opt(50, "top-k sampling, 0 = off (sample.py's default)")
+    top_p: float = opt(0.95, "nucleus sampling, 1 = off (sample.py's default)")
+    seed: int = opt(1, "seed for prompt positions and sampling")
+
+
+# ============================================================================ 1. held-out likelihood
+
+def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, n_scored) per window: the model reads tokens[start:end], predicts
+    tokens[start+1:end+1] and the last n_scored of those predictions count.
+
+    Targets 1..n_tokens-1 are each scored once (token 0 has no context to be predicted from).
+    The first window scores all its targets; every later one moves `stride` tokens on and scores
+    only the new ones, so each has at least block_size - stride + 1 tokens of context. The last
+    window ends at the last token and is still a full block (HF's recipe shortens it instead)."""
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in 1..block_size={block_size}, got {stride}")
+    windows: list[tuple[int, int, int]] = []
+    done = 0  # targets 1..done are scored
+    while done < n_tokens - 1:
+        end = min(done + stride if done else block_size, n_tokens - 1)
+        windows.append((max(0, end - block_size), end, end - done))
+        done = end
+    return windows
+
+
+@torch.inference_mode()
+def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
+                batch_size: int = 16, device: str = "cpu", dtype: str = "float32") -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of tokens[1:] under `model`, and how many tokens that is.
+
+    Windows are batched; the loss is computed in float32 from the logits even under autocast."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    windows = strided_windows(len(tokens), block_size, stride)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        # every window is a full block except when the whole text is shorter than one
+        length = batch[0][1] - batch[0][0]
+        xy = torch.from_numpy(np.stack([tokens[s:s + length + 1] for s, _, _ in batch])).to(device)
+        x, y = xy[:, :-1], xy[:, 1:]
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        first = torch.tensor([length - n for _, _, n in batch], device=device)
+        scored = torch.arange(length, device=device)[None, :] >= first[:, None]  # the last n of each row
+        total += F.cross_entropy(logits[scored].float(), y[scored], reduction="sum").double()
+    return total.item(), sum(n for _, _, n in windows)
+
+
+def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
+    """Everything users quote, from one total: per token, per byte (the headline) and per character."""
+    bits = total_nats / LN2
+    loss = total_nats / n_tokens
+    return {"bpb": bits / n_bytes, "loss": loss, "ppl": math.exp(loss), "bits_per_token": bits / n_tokens,
+            "bpc": bits / n_chars, "ppl_char": math.exp(total_nats / n_chars),
+            "tokens": n_tokens, "bytes": n_bytes, "chars": n_chars}
+
+
+# ============================================================================ 2. baselines
+
+def unigram_bpb(train: bytes, heldout: bytes) -> float:
+    """Order-0 byte model with add-one smoothing: what byte frequencies alone are worth."""
+    counts = np.bincount(np.frombuffer(train, dtype=np.uint8), minlength=256) + 1.0
+    logp = np.log2(counts / counts.sum())
+    return float(-logp[np.frombuffer(heldout, dtype=np.uint8)].sum() / len(heldout))
+
+
+def ngram_keys(data: np.ndarray, n: int) -> np.ndarray:
+    """Every n-gram of a byte array packed exactly into a uint64 (n <= 8), newest byte lowest.
+
+    key >> 8 is then the n-gram's context, key & (2**(8(n-1)) - 1) its suffix one byte shorter."""
+    keys = np.zeros(max(len(data) - n + 1, 0), dtype=np.uint64)
+    if len(keys) == 0:
+        return keys
+    for j in range(n):  # byte j places back from the newest
+        keys |= data[n - 1 - j:len(data) - j].astype(np.uint64) << np.uint64(8 * j)
+    return keys
+
+
+def kn_discounts(counts: np.ndarray, modified: bool) -> np.ndarray:
+    """Discount for an n-gram seen c times is D[min(c, 3)]. Interpolated KN: 0.75 throughout,
+    the textbook value (our estimate of D from counts of counts scores worse on this book).
+    Modified KN (Chen & Goodman): D1, D2, D3+ estimated from how many n-grams occur 1..4 times."""
+    d = np.array([0.0, 0.75, 0.75, 0.75])
+    if modified:
+        n1, n2, n3, n4 = (int((counts == c).sum()) for c in (1, 2, 3, 4))
+        if min(n1, n2, n3, n4) > 0:
+            y = n1 / (n1 + 2 * n2)
+            est = np.array([0.0, 1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3])
+            d = np.where((est > 0) & (est < [1, 1, 2, 3]), est, d)
+    return d
+
+
+@dataclass
+class KNLevel:
+    """One order's table: sorted n-gram keys with their (continuation) counts, and per context
+    the total count and the probability mass freed by discounting (given to the lower order)."""
+    keys: np.ndarray
+    counts: np.ndarray
+    contexts: np.ndarray
+    context_total: np.ndarray
+    context_backoff: np.ndarray
+    discounts: np.ndarray
+
+    @classmethod
+    def build(cls, keys: np.ndarray, counts: np.ndarray, modified: bool) -> "KNLevel":
+        d = kn_discounts(counts, modified)
+        # keys are sorted and the context is their high bits, so each context is one contiguous run
+        contexts, first = np.unique(keys >> np.uint64(8), return_index=True)
+        return cls(keys, counts, contexts, np.add.reduceat(counts, first),
+                   np.add.reduceat(d[np.minimum(counts, 3)], first), d)
+
+
+def kn_levels(train: bytes, order: int, modified: bool = False) -> list[KNLevel]:
+    """Tables for orders 1..order. The top order counts n-grams; each lower order counts, for
+    each n-gram, how many distinct bytes precede it (Kneser-Ney's continuation counts), which
+    is why a word part seen in only one context gets little weight on its own."""
+    if not 1 <= order <= 8:
+        raise ValueError(f"n-gram order must be 1..8 (8 bytes fill a uint64), got {order}")
+    data = np.frombuffer(train, dtype=np.uint8)
+    levels = [KNLevel.build(*np.unique(ngram_keys(data, order), return_counts=True), modified)]
+    for n in range(order - 1, 0, -1):
+        distinct_longer = levels[0].keys if n == order - 1 else np.unique(ngram_keys(data, n + 1))
+        suffixes = distinct_longer & np.uint64((1 << (8 * n)) - 1)
+        levels.insert(0, KNLevel.build(*np.unique(suffixes, return_counts=True), modified))
+    return levels
+
+
+def _find(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each query in sorted_keys and whether it is there."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(queries), dtype=np.int64), np.zeros(len(queries), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_keys, queries), len(sorted_keys) - 1)
+    return i, sorted_keys[i] == queries
+
+
+def kn_probs(levels: list[KNLevel], heldout: bytes) -> np.ndarray:
+    """P(byte_i | up to order-1 previous bytes) for every byte of `heldout`, interpolated KN:
+
+        p_n(w | h) = (max(c(hw) - D(c(hw)), 0) + backoff(h) * p_{n-1}(w | h')) / c(h)
+
+    starting from the uniform 1/256; an unseen context h leaves p_{n-1} as it is. The first
+    bytes, with less context than the order, use the orders their context allows."""
+    data = np.frombuffer(heldout, dtype=np.uint8)
+    p = np.full(len(data), 1 / 256)
+    for n, lv in enumerate(levels, start=1):
+        keys = ngram_keys(data, n)
+        lower = p[n - 1:]
+        ci, seen_context = _find(lv.contexts, keys >> np.uint64(8))
+        ki, seen = _find(lv.keys, keys)
+        c = np.where(seen, lv.counts[ki], 0)
+        kept = np.maximum(c - lv.discounts[np.minimum(c, 3)], 0)
+        mixed = (kept + lv.context_backoff[ci] * lower) / np.where(seen_context, lv.context_total[ci], 1)
+        p[n - 1:] = np.where(seen_context, mixed, lower)
+    return p
+
+
+def ngram_kn_bpb(train: bytes, heldout: bytes, order: int, modified: bool = False) -> float:
+    """Bits per byte of `heldout` under a byte-level interpolated Kneser-Ney model fitted on `train`."""
+    return float(-np.log2(kn_probs(kn_levels(train, order, modified), heldout)).sum() / len(heldout))
+
+
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "zlib": lambda b: zlib.compress(b, 9),
+    "bz2": lambda b: bz2.compress(b, 9),
+    "xz": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
+}
+
+
+def compressor_bpb(train: bytes, heldout: bytes, name: str) -> float:
+    """Bits the compressor spends on `heldout` after having seen `train`: the growth of the
+    compressed size when heldout is appended, per byte of heldout. (zlib's 32 KB window sees
+    little of train; bz2 works in 900 KB blocks; xz's dictionary holds all of it.)"""
+    compress = COMPRESSORS[name]
+    return (len(compress(train + heldout)) - len(compress(train))) * 8 / len(heldout)
+
+
+BASELINE_LABELS = {"unigram": "byte unigram (add-one)", "zlib": "zlib -9", "bz2": "bz2 -9", "xz": "xz -9e"}
+
+
+def baseline_label(name: str) -> str:
+    if name.startswith("mkn"):
+        return f"modified Kneser-Ney, order {name[3:]}"
+    if name.startswith("kn"):
+        return f"Kneser-Ney, order {name[2:]}"
+    return BASELINE_LABELS.get(name, name)
+
+
+def compute_baselines(train: bytes, heldout: bytes, max_order: int = 8, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """{name: {"bpb": ..., "seconds": ...}} for the unigram, KN orders 2..max_order, modified KN
+    at max_order (the strongest n-gram here) and the compressors; each timed on its own."""
+    jobs: list[tuple[str, Callable[[], float]]] = [("unigram", lambda: unigram_bpb(train, heldout))]
+    jobs += [(f"kn{n}", lambda n=n: ngram_kn_bpb(train, heldout, n)) for n in range(2, max_order + 1)]
+    jobs += [(f"mkn{max_order}", lambda: ngram_kn_bpb(train, heldout, max_order, modified=True))]
+    jobs += [(name, lambda name=name: compressor_bpb(train, heldout, name)) for name in COMPRESSORS]
+    out = {}
+    for name, job in jobs:
+        t0 = time.perf_counter()
+        bpb = job()
+        out[name] = {"bpb": bpb, "seconds": time.perf_counter() - t0}
+        log(f"  {baseline_label(name):<32} {bpb:.4f} bpb  ({out[name]['seconds']:.1f} s)")
+    return out
+
+
+def cached_baselines(data_dir: Path, split: str, train: bytes, heldout: bytes, meta: dict[str, Any],
+                     max_order: int = 8, log: Callable[[str], None] = print) -> tuple[dict[str, dict], bool]:
+    """Baselines from <data_dir>/baselines_<split>.json when it was made from these very texts,
+    else computed and saved there. Returns (results, came_from_cache)."""
+    key = {"version": 1, "split": split, "sha256_clean": meta.get("sha256_clean"), "max_order": max_order,
+           "sha256_train": hashlib.sha256(train).hexdigest(), "sha256_heldout": hashlib.sha256(heldout).hexdigest()}
+    path = Path(data_dir) / f"baselines_{split}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["results"], True
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or unreadable: compute again
+    results = compute_baselines(train, heldout, max_order, log)
+    try:
+        atomic_write_json(path, {"key": key, "results": results})
+    except OSError as e:
+        log(f"warning: could not cache baselines in {path}: {e.strerror or e}")
+    return results, False
+
+
+# ============================================================================ 3. memorisation
+
+WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes (don’t)
+_BASE = 0x9E3779B97F4A7C15  # odd, so it is invertible mod 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) mod 2**64 (numpy's uint64 products wrap, which is what we want)."""
+    out = np.empty(n, dtype=np.uint64)
+    if n:
+        out[0] = 1
+        out[1:] = np.cumprod(np.full(n - 1, base, dtype=np.uint64))
+    return out
+
+
+class RollingHash:
+    """Polynomial hashes mod 2**64 of every length-n window of a sequence, for any n, from one
+    prefix sum: hash(i, n) = (G[i+n] - G[i]) * B**(i+n-1) with G[k] = sum_{j<k} x_j * B**-j.
+    Equal windows get equal hashes wherever they are; two different windows collide with chance
+    about 2**-64 per pair, so a false match over a report's texts is a ~1e-9 event."""
+
+    def __init__(self, symbols: np.ndarray) -> None:
+        x = symbols.astype(np.uint64) + np.uint64(1)  # no zero symbols
+        with np.errstate(over="ignore"):
+            self.prefix = np.concatenate([[np.uint64(0)], np.cumsum(x * _powers(_BASE_INV, len(x)), dtype=np.uint64)])
+        self.pow = _powers(_BASE, len(x))
+        self.size = len(x)
+
+    def windows(self, n: int) -> np.ndarray:
+        if n > self.size:
+            return np.zeros(0, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return (self.prefix[n:] - self.prefix[:-n]) * self.pow[n - 1:]
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+class TrainIndex:
+    """The training text, ready for 'does this string / word sequence occur in it?' questions."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = RollingHash(code_points(text))
+        words = WORD_RE.findall(text)
+        self.word_id = {w: i for i, w in enumerate(dict.fromkeys(words), start=1)}  # 0 = not in train
+        self.words = RollingHash(np.array([self.word_id[w] for w in words], dtype=np.int64))
+        self.vocab_lower = {w.lower() for w in self.word_id}
+        self._tables: dict[tuple[str, int], np.ndarray] = {}
+
+    def table(self, kind: str, n: int) -> np.ndarray:
+        """Sorted hashes of every char (kind='char') or word n-gram of the train text; the last few kept."""
+        if (kind, n) not in self._tables:
+            if len(self._tables) > 4:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[(kind, n)] = np.sort((self.chars if kind == "char" else self.words).windows(n))
+        return self._tables[(kind, n)]
+
+    def word_ids(self, text: str) -> np.ndarray:
+        return np.array([self.word_id.get(w, 0) for w in WORD_RE.findall(text)], dtype=np.int64)
+
+    def found(self, text: str, kind: str, n: int) -> np.ndarray:
+        """For each char/word n-gram of `text`, whether it occurs verbatim in train."""
+        if kind == "char":
+            hashes = RollingHash(code_points(text)).windows(n)
+        else:
+            ids = self.word_ids(text)
+            hashes = RollingHash(ids).windows(n)
+        found = _find(self.table(kind, n), hashes)[1]
+        if kind == "word" and len(found):  # a word never seen in train cannot be part of a verbatim match
+            found &= np.convolve(ids == 0, np.ones(n, dtype=int), mode="valid") == 0
+        return found
+
+    def longest_spans(self, texts: list[str]) -> list[str]:
+        """For each text, its longest substring that occurs verbatim in train.
+
+        "Some substring of length L occurs in train" is monotone in L, so each text is a binary
+        search over L; the texts search together, so one pass over train answers all that probe the same L."""
+        lo = [0] * len(texts)                # a span this long is known to occur
+        hi = [len(t) + 1 for t in texts]     # a span this long is known not to
+        where = [0] * len(texts)
+        while any(h - l > 1 for l, h in zip(lo, hi)):
+            probes: dict[int, list[int]] = {}
+            for i, (l, h) in enumerate(zip(lo, hi)):
+                if h - l > 1:
+                    probes.setdefault((l + h) // 2, []).append(i)
+            for n, members in probes.items():
+                for i in members:
+                    hits = np.flatnonzero(self.found(texts[i], "char", n))
+                    if len(hits):
+                        lo[i], where[i] = n, int(hits[0])
+                    else:
+                        hi[i] = n
+        return [t[w:w + n] for t, w, n in zip(texts, where, lo)]
+
+
+def memorisation(index: TrainIndex, texts: list[str], char_n: int = 30, word_n: int = 8) -> dict[str, Any]:
+    """How much of `texts` is copied from train: the share of their char `char_n`-grams and word
+    `word_n`-grams found verbatim there (pooled over texts), and the longest verbatim spans."""
+    char_hits = [index.found(t, "char", char_n) for t in texts]
+    word_hits = [index.found(t, "word", word_n) for t in texts]
+    spans = index.longest_spans(texts)
+    n_char, n_word = sum(len(h) for h in char_hits), sum(len(h) for h in word_hits)
+    longest = max(spans, key=len) if spans else ""
+    return {f"char{char_n}_share": float(sum(h.sum() for h in char_hits) / n_char) if n_char else 0.0,
+            f"word{word_n}_share": float(sum(h.sum() for h in word_hits) / n_word) if n_word else 0.0,
+            "char_ngrams": n_char, "word_ngrams": n_word,
+            "longest_span": len(longest), "longest_span_mean": float(np.mean([len(s) for s in spans])) if spans else 0.0,
+            "longest_span_text": longest, "longest_spans": [len(s) for s in spans]}
+
+
+# ============================================================================ 3b. style
+
+# The main characters as this translation (Maude) spells them, accents included.
+NAMES = ("Pierre", "Natásha", "Andrew", "Nicholas", "Mary", "Sónya", "Rostóv", "Kutúzov", "Napoleon",
+         "Denísov", "Dólokhov", "Borís", "Hélène", "Pétya")
+PUNCT = ",.;:!?—"
+QUOTES = "“”\"‘"
+WORD_LEN_BINS = 13   # 1..12 letters, 13+
+SENT_LEN_BINS = 11   # 1-5, 6-10, ..., 46-50, 51+ words
+SENTENCE_END = re.compile(r"[.!?]+[”’\"]?(?=\s|$)")
+DIALOGUE = re.compile(r"“[^“”]*”|\"[^\"]*\"")
+
+
+def _hist(values: Sequence[int], bins: int, width: int = 1) -> np.ndarray:
+    h = np.bincount(np.minimum((np.asarray(values, dtype=np.int64) - 1) // width, bins - 1), minlength=bins)
+    return h / max(h.sum(), 1)
+
+
+def tvd(p: Sequence[float], q: Sequence[float]) -> float:
+    """Total variation distance between two distributions: 0 identical, 1 disjoint."""
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def distinct_n(words: list[str], n: int) -> float:
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def style_stats(texts: list[str], vocab_lower: set[str] | None = None) -> dict[str, Any]:
+    """Style statistics of some text, pooled over `texts` (each a separate piece: sentences and
+    n-grams do not run across them). vocab_lower: the book's words, to count unknown ones."""
+    words = [w for t in texts for w in WORD_RE.findall(t)]
+    sentences = [len(WORD_RE.findall(s)) for t in texts for s in SENTENCE_END.split(t)]
+    sentences = [n for n in sentences if n > 0]
+    chars = sum(len(t) for t in texts)
+    kchars, kwords = max(chars, 1) / 1000, max(len(words), 1) / 1000
+    counts = Counter(c for t in texts for c in t if c in PUNCT or c in QUOTES)
+    names = Counter(w for w in words if w in NAMES)
+    per_text = [WORD_RE.findall(t) for t in texts]
+    return {
+        "chars": chars, "words": len(words), "sentences": len(sentences),
+        "mean_word_len": float(np.mean([len(w) for w in words])) if words else 0.0,
+        "mean_sentence_len": float(np.mean(sentences)) if sentences else 0.0,
+        "word_len_hist": _hist([len(w) for w in words], WORD_LEN_BINS).tolist(),
+        "sentence_len_hist": _hist(sentences, SENT_LEN_BINS, width=5).tolist(),
+        "punct_per_kchar": {c: counts[c] / kchars for c in PUNCT},
+        "quotes_per_kchar": sum(counts[c] for c in QUOTES) / kchars,
+        "dialogue_share": sum(len(m) for t in texts for m in DIALOGUE.findall(t)) / max(chars, 1),
+        "unknown_word_share": (sum(w.lower() not in vocab_lower for w in words) / max(len(words), 1)
+                               if vocab_lower is not None else 0.0),
+        "distinct": {str(n): float(np.mean([distinct_n(w, n) for w in per_text])) if texts else 0.0 for n in (1, 2, 3)},
+        "names_per_kword": {n: names[n] / kwords for n in NAMES},
+    }
+
+
+def style_distance(stats: dict[str, Any], book: dict[str, Any]) -> dict[str, float]:
+    """How far a text's statistics are from the book's (0 = the same)."""
+    punct = tvd(_normalise(stats["punct_per_kchar"]), _normalise(book["punct_per_kchar"]))
+    return {"word_len_tvd": tvd(stats["word_len_hist"], book["word_len_hist"]),
+            "sentence_len_tvd": tvd(stats["sentence_len_hist"], book["sentence_len_hist"]),
+            "punct_mix_tvd": punct,
+            "punct_rate_ratio": sum(stats["punct_per_kchar"].values()) / max(sum(book["punct_per_kchar"].values()), 1e-9),
+            "names_rate_ratio": sum(stats["names_per_kword"].values()) / max(sum(book["names_per_kword"].values()), 1e-9)}
+
+
+def _normalise(d: dict[str, float]) -> list[float]:
+    total = sum(d.values()) or 1.0
+    return [v / total for v in d.values()]
+
+
+# ============================================================================ 3c. generation
+
+def pick_prompts(text: str, num: int, prompt_chars: int, room: int, seed: int) -> list[int]:
+    """Start offsets of `num` prompts, one drawn at random from each of `num` equal stretches of
+    `text` (so they spread over the split), moved to the next word start, leaving `room`
+    characters after each prompt for its real continuation where the stretch allows."""
+    rng = random.Random(seed)
+    stretch = len(text) // max(num, 1)
+    starts = []
+    for i in range(num):
+        lo, hi = i * stretch, max(i * stretch, (i + 1) * stretch - prompt_chars - room)
+        s = rng.randint(lo, hi)
+        while 0 < s < hi and not (text[s - 1].isspace() and not text[s].isspace()):
+            s += 1
+        starts.append(s)
+    return starts
+
+
+@torch.inference_mode()
+def generate_continuations(model: torch.nn.Module, tokenizer: Any, prompts: list[str], gen_tokens: int,
+                           temperature: float, top_k: int, top_p: float, seed: int, device: str,
+                           dtype: str = "float32") -> tuple[list[str], list[str]]:
+    """Continue each prompt by gen_tokens tokens in one batch; returns (prompts as fed, continuations).
+
+    A batch needs equal lengths, so prompts are cut from the left to the shortest one's token count
+    (for char and byte tokenizers all have the same length already)."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    keep = min(len(i) for i in ids)
+    x = torch.tensor([i[len(i) - keep:] for i in ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with autocast(device, dtype):
+        out = model.generate(x, gen_tokens, temperature=temperature, top_k=top_k or None,
+                             top_p=top_p if top_p < 1 else None, generator=gen)
+    rows = out.tolist()
+    return [tokenizer.decode(r[:keep]) for r in rows], [tokenizer.decode(r[keep:]) for r in rows]
+
+
+# ============================================================================ 4. curves
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) from metrics.jsonl; unreadable lines are skipped."""
+    train, evals = [], []
+    if not path.is_file():
+        return train, evals
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and r.get("kind") == "train" and "loss" in r:
+            train.append(r)
+        elif isinstance(r, dict) and r.get("kind") == "eval" and "val_loss" in r:
+            evals.append(r)
+    return sorted(train, key=lambda r: r["iter"]), sorted(evals, key=lambda r: r["iter"])
+
+
+def overfitting_summary(evals: list[dict]) -> dict[str, Any]:
+    """Where val stopped improving and how far it and the train/val gap moved afterwards."""
+    if not evals:
+        return {"evals": 0}
+    best = min(evals, key=lambda r: r["val_loss"])
+    last = evals[-1]
+    return {"evals": len(evals), "best_iter": best["iter"], "best_val_loss": best["val_loss"],
+            "best_val_bpb": best.get("val_bpb"), "last_iter": last["iter"], "last_val_loss": last["val_loss"],
+            "evals_after_best": sum(r["iter"] > best["iter"] for r in evals),
+            "val_rise_after_best": last["val_loss"] - best["val_loss"],
+            "gap_at_best": best["val_loss"] - best["train_loss"], "gap_at_last": last["val_loss"] - last["train_loss"]}
+
+
+# ============================================================================ plots and report
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -> bytes:
+    """Loss against step: train (per log line and per eval) and val, best val marked."""
+    from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend state
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    if train:
+        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.3, lw=1,
+                label="train (batch)")
+    if evals:
+        its = [r["iter"] for r in evals]
+        ax.plot(its, [r["train_loss"] for r in evals], "o-", color="tab:blue", ms=3, label="train (eval)")
+        ax.plot(its, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val (eval)")
+        ax.axvline(summary["best_iter"], color="tab:red", ls="--", lw=1,
+                   label=f"best val {summary['best_val_loss']:.4f} at step {summary['best_iter']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("train vs val loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_bpb(model_bpb: float, baselines: dict[str, dict]) -> bytes:
+    """Horizontal bars: the model's held-out bpb beside every baseline, best at the top."""
+    from matplotlib.figure import Figure
+
+    rows = sorted([("this model", model_bpb)] + [(baseline_label(k), v["bpb"]) for k, v in baselines.items()],
+                  key=lambda r: -r[1])
+    fig = Figure(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax = fig.subplots()
+    colors = ["tab:red" if name == "this model" else "tab:gray" for name, _ in rows]
+    bars = ax.barh([name for name, _ in rows], [v for _, v in rows], color=colors)
+    ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
+    ax.set_xlabel("bits per byte on the held-out split (lower is better)")
+    ax.set_xlim(0, max(v for _, v in rows) * 1.15)
+    return _png(fig)
+
+
+def _fence(text: str) -> str:
+    return "```text\n" + text.replace("```", "'''") + "\n```"
+
+
+def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def likelihood_rows(lk: dict[str, float]) -> list[tuple[str, str]]:
+    return [("bits per byte (bpb)", f"{lk['bpb']:.4f}"), ("loss (nats/token)", f"{lk['loss']:.4f}"),
+            ("perplexity per token", f"{lk['ppl']:.3f}"), ("bits per character", f"{lk['bpc']:.4f}"),
+            ("perplexity per character", f"{lk['ppl_char']:.3f}"),
+            ("tokens / chars / bytes scored", f"{lk['tokens']:,} / {lk['chars']:,} / {lk['bytes']:,}")]
+
+
+def memo_rows(mem: dict[str, dict]) -> list[tuple[str, str, str]]:
+    g, r = mem["generated"], mem["reference"]
+    return [("char 30-grams found in train", f"{g['char30_share']:.1%}", f"{r['char30_share']:.1%}"),
+            ("word 8-grams found in train", f"{g['word8_share']:.1%}", f"{r['word8_share']:.1%}"),
+            ("longest verbatim span (chars), max", str(g["longest_span"]), str(r["longest_span"])),
+            ("longest verbatim span (chars), mean", f"{g['longest_span_mean']:.1f}", f"{r['longest_span_mean']:.1f}")]
+
+
+def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
+    b, g, r = st["book"], st["generated"], st["reference"]
+    gd, rd = st["generated_distance"], st["reference_distance"]
+    rows = [("word-length TVD to book", "0", f"{gd['word_len_tvd']:.3f}", f"{rd['word_len_tvd']:.3f}"),
+            ("sentence-length TVD to book", "0", f"{gd['sentence_len_tvd']:.3f}", f"{rd['sentence_len_tvd']:.3f}"),
+            ("punctuation-mix TVD to book", "0", f"{gd['punct_mix_tvd']:.3f}", f"{rd['punct_mix_tvd']:.3f}")]
+    for key, label, fmt in (("mean_word_len", "mean word length", "{:.2f}"),
+                            ("mean_sentence_len", "mean sentence length (words)", "{:.1f}"),
+                            ("quotes_per_kchar", "quote marks per 1000 chars", "{:.1f}"),
+                            ("dialogue_share", "share of text inside quotes", "{:.1%}"),
+                            ("unknown_word_share", "words not in the train text", "{:.2%}")):
+        rows.append((label, fmt.format(b[key]), fmt.format(g[key]), fmt.format(r[key])))
+    rows.append(("punctuation marks per 1000 chars", *(f"{sum(s['punct_per_kchar'].values()):.1f}" for s in (b, g, r))))
+    for n in ("1", "2", "3"):
+        rows.append((f"distinct-{n} (per sample)", "-", f"{g['distinct'][n]:.3f}", f"{r['distinct'][n]:.3f}"))
+    rows.append(("main names per 1000 words", *(f"{sum(s['names_per_kword'].values()):.1f}" for s in (b, g, r))))
+    return rows
+
+
+def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
+    run, data, lk = ev["run"], ev["data"], ev["likelihood"]
+    md = [f"# Evaluation of `{run['out_dir']}`", "",
+          f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
+          f"{data['tokenizer']} tokenizer (vocab {data['vocab_size']}), `{data['data_dir']}` split "
+          f"**{data['split']}**. Context: block_size {ev['settings']['block_size']}, stride "
+          f"{ev['settings']['stride']} (every token scored once with at least "
+          f"{ev['settings']['block_size'] - ev['settings']['stride']} tokens of context), "
+          f"{ev['settings']['device']} / {ev['settings']['dtype']}.", "",
+          "## Held-out likelihood", "", _md_table(("measure", "value"), likelihood_rows(lk)), ""]
+    if ev.get("baselines"):
+        base = ev["baselines"]
+        rows = [("**this model**", f"**{lk['bpb']:.4f}**", "")]
+        rows += [(baseline_label(k), f"{v['bpb']:.4f}", f"{lk['bpb'] - v['bpb']:+.4f}")
+                 for k, v in sorted(base.items(), key=lambda kv: kv[1]["bpb"])]
+        md += ["## Baselines on the same split", "",
+               "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of the held-out text. "
+               "Last column: the model's bpb minus the baseline's, negative where the model is better.", "",
+               _md_table(("model", "bpb", "model - baseline"), rows), "", "![bpb](bpb_baselines.png)", ""]
+    ov = ev["curves"]
+    md += ["## Overfitting", ""]
+    if ov.get("evals"):
+        if ov["evals_after_best"]:
+            trend = (f"Val loss stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
+                     f"{ov['evals_after_best']} evaluation(s) followed, the last (step {ov['last_iter']}) at "
+                     f"{ov['last_val_loss']:.4f} ({ov['val_rise_after_best']:+.4f}).")
+        else:
+            trend = (f"Val loss was still improving at the last evaluation (step {ov['best_iter']}, "
+                     f"{ov['best_val_loss']:.4f}): no overfitting yet.")
+        md += [f"{trend} Val minus train loss: {ov['gap_at_best']:+.4f} at the best step, "
+               f"{ov['gap_at_last']:+.4f} at the last. (train.py's losses are means over random windows; "
+               "the full pass above is the precise figure.)", "", "![loss curves](loss_curves.png)", ""]
+    else:
+        md += ["No evaluations in metrics.jsonl.", ""]
+    if ev.get("samples"):
+        s = ev["settings"]
+        md += ["## Memorisation", "",
+               f"{len(ev['samples'])} prompts of {s['prompt_chars']} characters from the {data['split']} split, "
+               f"continued by {s['gen_tokens']} tokens (temperature {s['temperature']}, top_k {s['top_k']}, "
+               f"top_p {s['top_p']}, seed {s['seed']}), against the real continuation of the same length.", "",
+               _md_table(("measure", "generated", "real continuation"), memo_rows(ev["memorisation"])), "",
+               "Longest verbatim span in the generated text:", "",
+               _fence(ev["memorisation"]["generated"]["longest_span_text"]), "",
+               "## Style", "",
+               _md_table(("measure", "book (train)", "generated", "real continuation"), style_rows(ev["style"])), "",
+               "Names per 1000 words (book / generated / real): " + ", ".join(
+                   f"{n} {ev['style']['book']['names_per_kword'][n]:.1f}/{ev['style']['generated']['names_per_kword'][n]:.1f}/"
+                   f"{ev['style']['reference']['names_per_kword'][n]:.1f}" for n in NAMES), "",
+               "## Samples", ""]
+        for i, smp in enumerate(ev["samples"], start=1):
+            md += [f"### Sample {i}", "", "Prompt:", "", _fence(smp["prompt"]), "", "Generated:", "",
+                   _fence(smp["generated"]), "", "Real continuation:", "", _fence(smp["reference"]), ""]
+    md += ["## Timing", "", _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in ev["timings"].items()]), ""]
+    for name, png in plots.items():
+        atomic_write_bytes(out_dir / name, png)
+    atomic_write_bytes(out_dir / "report.md", "\n".join(md).encode("utf-8"))
+
+
+def print_summary(ev: dict[str, Any]) -> None:
+    lk = ev["likelihood"]
+    print(f"\n{ev['run']['out_dir']} ({ev['run']['checkpoint']}, step {ev['run']['iter_num']}) on "
+          f"{ev['data']['split']}: {lk['tokens']:,} tokens")
+    for name, value in likelihood_rows(lk):
+        print(f"  {name:<36} {value}")
+    if ev.get("baselines"):
+        print("baselines (bpb on the same split):")
+        for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
+            verdict = "model better" if lk["bpb"] < v["bpb"] else "model worse"
+            print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
+    if ev.get("samples"):
+        print(f"{'memorisation':<38} {'generated':>10} {'real':>10}")
+        for row in memo_rows(ev["memorisation"]):
+            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10}")
+        print(f"{'style':<38} {'book':>10} {'generated':>10} {'real':>10}")
+        for row in style_rows(ev["style"]):
+            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10} {row[3]:>10}")
+    ov = ev["curves"]
+    if ov.get("evals"):
+        print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
+              f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")
+    print(f"wrote {ev['run']['out_dir']}/eval.json and report.md in {ev['timings']['total']:.1f} s")
+
+
+# ============================================================================ main
+
+def read_split(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
+    path = data_dir / f"{split}.bin"
+    if not path.is_file():
+        hint = " (prepare it with python prepare.py --test_fraction=0.05 ...)" if split == "test" else "; re-run prepare.py"
+        raise UserError(f"no {split} split in {data_dir}: {path} is missing{hint}")
+    return np.array(np.memmap(path, dtype=meta["dtype"], mode="r"), dtype=np.int64)
+
+
+def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every part of the evaluation as configured; writes eval.json, report.md and plots."""
+    if cfg.split not in ("val", "test"):
+        raise UserError(f"bad value for 'split': {cfg.split!r}; use val or test")
+    if cfg.batch_size < 1 or cfg.stride < 0:
+        raise UserError("batch_size must be >= 1 and stride >= 0")
+    if not 1 <= cfg.ngram_order <= 8:
+        raise UserError(f"ngram_order must be 1..8 (byte n-grams are packed into 64 bits), got {cfg.ngram_order}")
+    if cfg.num_prompts < 0 or cfg.prompt_chars < 1:
+        raise UserError("num_prompts must be >= 0 and prompt_chars >= 1")
+    if cfg.num_prompts:
+        check_sampling(cfg.gen_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, info = load_for_inference(out_dir, cfg.ckpt, device)
+    tok = info["tokenizer"]
+    data_dir = Path(cfg.data_dir or (info.get("config") or {}).get("data_dir", ""))
+    if not data_dir.is_dir():
+        raise UserError(f"data folder '{data_dir}' not found (the run was trained on it); "
+                        f"run from the directory you trained in or pass --data_dir")
+    meta = read_meta(data_dir)
+    trained = info["meta"]
+    if (meta.get("sha256_clean"), meta["tokenizer"].get("kind"), meta["vocab_size"]) != \
+            (trained.get("sha256_clean"), trained["tokenizer"].get("kind"), trained["vocab_size"]):
+        raise UserError(f"{data_dir} holds other data or another tokenizer than {out_dir} was trained on; "
+                        f"pass that run's --data_dir")
+
+    # -- 1. likelihood: one full pass
+    block_size = model.config.block_size
+    stride = cfg.stride or max(1, block_size // 2)
+    if stride > block_size:
+        raise UserError(f"stride={stride} is larger than the model's block_size={block_size}")
+    tokens = read_split(data_dir, cfg.split, meta)
+    if len(tokens) < 2:
+        raise UserError(f"the {cfg.split} split has fewer than 2 tokens; nothing to evaluate")
+    log(f"scoring {len(tokens):,} {cfg.split} tokens (block {block_size}, stride {stride}, {device}/{dtype})...")
+    t0 = time.perf_counter()
+    total, n = strided_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
+    timings["likelihood"] = time.perf_counter() - t0
+    scored = tok.decode_bytes(tokens[1:])  # the first token is context only
+    lk = likelihood_figures(total, n, len(scored), len(scored.decode("utf-8", errors="replace")))
+    log(f"  {lk['bpb']:.4f} bpb, loss {lk['loss']:.4f} in {timings['likelihood']:.1f} s")
+
+    # the texts: decoding the bins gives exactly the cleaned split texts
+    train_text = tok.decode(read_split(data_dir, "train", meta))
+    split_text = tok.decode(tokens)
+
+    # -- 2. baselines
+    baselines: dict[str, dict] = {}
+    if cfg.baselines:
+        t0 = time.perf_counter()
+        log("baselines:")
+        baselines, cached = cached_baselines(data_dir, cfg.split, train_text.encode("utf-8"),
+                                             split_text.encode("utf-8"), meta, cfg.ngram_order, log)
+        if cached:
+            log(f"  read from {data_dir / f'baselines_{cfg.split}.json'}")
+        timings["baselines" + (" (cached)" if cached else "")] = time.perf_counter() - t0
+
+    # -- 3. generation, memorisation, style
+    samples: list[dict[str, str]] = []
+    mem: dict[str, Any] = {}
+    style: dict[str, Any] = {}
+    if cfg.num_prompts > 0:
+        t0 = time.perf_counter()
+        chars_per_token = len(split_text) / len(tokens)
+        starts = pick_prompts(split_text, cfg.num_prompts, cfg.prompt_chars,
+                              int(1.5 * cfg.gen_tokens * chars_per_token), cfg.seed)
+        prompts = [split_text[s:s + cfg.prompt_chars] for s in starts]
+        log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens...")
+        fed, gens = generate_continuations(model, tok, prompts, cfg.gen_tokens, cfg.temperature, cfg.top_k,
+                                           cfg.top_p, cfg.seed, device, dtype)
+        timings["generation"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        refs = [split_text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
+        samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
+        index = TrainIndex(train_text)
+        mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
+        book = style_stats([train_text], index.vocab_lower)
+        style = {"book": book, "generated": style_stats(gens, index.vocab_lower),
+                 "reference": style_stats(refs, index.vocab_lower)}
+        style["generated_distance"] = style_distance(style["generated"], book)
+        style["reference_distance"] = style_distance(style["reference"], book)
+        timings["memorisation and style"] = time.perf_counter() - t0
+
+    # -- 4. curves
+    train_rows, eval_rows = read_metrics(out_dir / "metrics.jsonl")
+    curves = overfitting_summary(eval_rows)
+
+    timings["total"] = time.perf_counter() - t_start
+    ev = {
+        "run": {"out_dir": str(out_dir), "checkpoint": Path(info["path"]).name, "iter_num": info.get("iter_num"),
+                "best_val_loss": info.get("best_val_loss"), "best_iter": info.get("best_iter"),
+                "params": sum(p.numel() for p in model.parameters())},
+        "data": {"data_dir": str(data_dir), "split": cfg.split, "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
+                 "split_tokens": len(tokens), "split_bytes": len(split_text.encode("utf-8")),
+                 "split_chars": len(split_text), "sha256_clean": meta.get("sha256_clean")},
+        "settings": {**config_dict(cfg), "stride": stride, "block_size": block_size, "device": device, "dtype": dtype},
+        "likelihood": lk, "baselines": baselines, "memorisation": mem, "style": style, "curves": curves,
+        "samples": samples, "timings": timings,
+    }
+    plots = {"loss_curves.png": plot_curves(train_rows, eval_rows, curves)} if eval_rows else {}
+    if baselines:
+        plots["bpb_baselines.png"] = plot_bpb(lk["bpb"], baselines)
+    try:
+        write_report(out_dir, ev, plots)
+        atomic_write_json(out_dir / "eval.json", ev)
+    except OSError as e:
+        raise UserError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None
+    return ev
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    cfg = parse_config(EvalConfig, argv, prog="evaluate.py", doc=__doc__.split("\n\n")[0])
+    ev = evaluate(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print_summary(ev)
+    return ev
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,315 @@
+"""evaluate.py: strided likelihood, bits per byte, baselines, memorisation, style, report, errors."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import evaluate as E
+from config import UserError, parse_config
+from conftest import tiny_train_args
+from model import GPT, GPTConfig
+from train import TrainConfig, bits_per_byte, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), block=st.integers(1, 40), data=st.data())
+def test_windows_score_every_target_once_with_enough_context(n: int, block: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, block))
+    scored = []
+    for k, (start, end, n_scored) in enumerate(E.strided_windows(n, block, stride)):
+        assert 0 <= start < end <= n - 1 and end - start <= block and 1 <= n_scored <= end - start
+        for j in range(end - n_scored + 1, end + 1):  # target j is predicted from tokens[start:j]
+            scored.append(j)
+            if k > 0:
+                assert j - start >= block - stride + 1
+    assert scored == list(range(1, n))
+
+
+def tiny_gpt(vocab: int = 11, block: int = 16, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
+    for p in model.parameters():  # larger weights than GPT init: predictions that depend on context
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("n, stride, batch", [(100, 5, 3), (100, 16, 4), (57, 1, 64), (10, 8, 2)])
+def test_strided_equals_naive_per_window(n: int, stride: int, batch: int) -> None:
+    model, block = tiny_gpt(), 16
+    tokens = np.random.default_rng(n).integers(0, 11, size=n)
+    total, count = E.strided_nll(model, tokens, block, stride, batch_size=batch)
+    naive, naive_count = 0.0, 0
+    with torch.no_grad():
+        for start, end, n_scored in E.strided_windows(n, block, stride):  # one window at a time
+            logits, _ = model(torch.tensor(tokens[None, start:end]))
+            target = torch.tensor(tokens[end - n_scored + 1:end + 1])
+            naive += F.cross_entropy(logits[0, -n_scored:], target, reduction="sum").item()
+            naive_count += n_scored
+    assert count == naive_count == n - 1
+    assert total == pytest.approx(naive, rel=1e-5)
+
+
+def test_stride_one_is_full_context_and_context_matters() -> None:
+    model, block = tiny_gpt(), 16
+    tokens = np.random.default_rng(1).integers(0, 11, size=60)
+    total, _ = E.strided_nll(model, tokens, block, stride=1)
+    with torch.no_grad():  # each target predicted from the block_size tokens before it (fewer at the start)
+        per_token = sum(F.cross_entropy(model(torch.tensor(tokens[None, max(0, j - block):j]))[0][0, -1:],
+                                        torch.tensor(tokens[j:j + 1])).item() for j in range(1, 60))
+    assert total == pytest.approx(per_token, rel=1e-5)
+    chunks, _ = E.strided_nll(model, tokens, block, stride=block)  # disjoint blocks: less context
+    assert chunks != pytest.approx(total, rel=1e-6)
+
+
+def test_bf16_autocast_is_close_to_float32() -> None:
+    model = tiny_gpt()
+    tokens = np.random.default_rng(2).integers(0, 11, size=200)
+    exact, n = E.strided_nll(model, tokens, 16, 8, dtype="float32")
+    fast, _ = E.strided_nll(model, tokens, 16, 8, dtype="bfloat16")
+    assert abs(fast - exact) / n < 0.05
+
+
+def test_bits_per_byte_on_a_hand_made_example() -> None:
+    # "Pé’s!" as 4 tokens (say "P", "é", "’s", "!"): 5 chars, 8 bytes (é is 2 bytes in UTF-8, ’ is 3),
+    # scored 6 nats in all.
+    text = "Pé’s!"
+    assert (len(text), len(text.encode("utf-8"))) == (5, 8)
+    total_nats, n_tokens = 6.0, 4
+    f = E.likelihood_figures(total_nats, n_tokens, n_bytes=8, n_chars=5)
+    assert f["loss"] == pytest.approx(1.5)
+    assert f["bpb"] == pytest.approx(1.5 * 4 / 8 / math.log(2))  # nats/token x tokens/bytes / ln 2
+    assert f["bpb"] == pytest.approx(6.0 / math.log(2) / 8)      # = total bits / bytes
+    assert f["bpb"] == pytest.approx(bits_per_byte(1.5, {"tokens": 4, "bytes": 8}))  # train.py's formula agrees
+    assert f["bpc"] == pytest.approx(6.0 / 5 / math.log(2))
+    assert f["ppl"] == pytest.approx(math.exp(1.5)) and f["ppl_char"] == pytest.approx(math.exp(6.0 / 5))
+
+
+class Uniform(torch.nn.Module):
+    """Predicts every token with probability 1/vocab, whatever the context."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor, targets=None):
+        return torch.zeros(*idx.shape, self.vocab), None
+
+
+@pytest.mark.parametrize("vocab", [2, 104, 256])
+def test_uniform_model_gets_log2_vocab_bits_per_token(vocab: int) -> None:
+    tokens = np.random.default_rng(0).integers(0, vocab, size=500)
+    total, n = E.strided_nll(Uniform(vocab), tokens, block_size=32, stride=7, batch_size=5)
+    f = E.likelihood_figures(total, n, n_bytes=n, n_chars=n)
+    assert n == 499
+    assert f["bits_per_token"] == pytest.approx(math.log2(vocab), rel=1e-6)
+    assert f["ppl"] == pytest.approx(vocab, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_kneser_ney_matches_a_hand_calculation() -> None:
+    # train "aab", order 2, discount D = 0.75.
+    # Order 1 uses continuation counts: "a" follows 1 distinct byte (a in "aa"), "b" 1 (a in "ab").
+    # So N1+(..) = 2 and the mass freed is D * 2 types = 1.5, spread uniformly over 256 bytes:
+    #   p1(a) = p1(b) = (1 - 0.75 + 1.5 / 256) / 2 = 0.1279296875
+    # Order 2 uses raw counts: c(aa) = c(ab) = 1, c(a.) = 2, freed mass again 0.75 * 2 = 1.5:
+    #   p2(b | a) = (1 - 0.75 + 1.5 * p1(b)) / 2 = 0.220947265625
+    # Held-out "ab": "a" has no context, so it gets p1(a); "b" gets p2(b | a).
+    p1_a, p2_b_a = 0.1279296875, 0.220947265625
+    np.testing.assert_allclose(E.kn_probs(E.kn_levels(b"aab", 2), b"ab"), [p1_a, p2_b_a])
+    assert E.ngram_kn_bpb(b"aab", b"ab", 2) == pytest.approx(-(math.log2(p1_a) + math.log2(p2_b_a)) / 2)
+    # an unseen context ("b" is never followed by anything in train) falls back to order 1
+    assert E.kn_probs(E.kn_levels(b"aab", 2), b"ba")[1] == pytest.approx(p1_a)
+
+
+def test_unigram_matches_a_hand_calculation() -> None:
+    # add-one: p(a) = (2 + 1) / (3 + 256), p(z) = 1 / 259
+    assert E.unigram_bpb(b"aab", b"az") == pytest.approx(-(math.log2(3 / 259) + math.log2(1 / 259)) / 2)
+
+
+@pytest.mark.parametrize("order, modified", [(1, False), (3, False), (5, True), (8, False)])
+def test_kneser_ney_is_a_distribution(order: int, modified: bool) -> None:
+    train = b"the cat sat on the mat; the cat ate the rat. " * 3 + bytes(range(40, 60))
+    levels = E.kn_levels(train, order, modified)
+    for context in (b"the ca", b"zzzzzzz", b"at", b""):
+        probs = [E.kn_probs(levels, context + bytes([w]))[-1] for w in range(256)]
+        assert sum(probs) == pytest.approx(1.0) and min(probs) > 0
+
+
+def test_higher_order_helps_on_repetitive_text() -> None:
+    train = b"Pierre went to see Natasha. " * 20
+    held = b"Pierre went to see Natasha. "
+    bpbs = [E.ngram_kn_bpb(train, held, n) for n in (1, 2, 4, 8)]
+    assert bpbs[0] > 3 > bpbs[1] > bpbs[2] and bpbs[3] < 0.5
+
+
+def test_compressor_given_train() -> None:
+    rng = random.Random(0)
+    train = " ".join(rng.choice(["war", "peace", "Pierre", "Moscow", "the", "and"]) for _ in range(5000)).encode()
+    copy = train[1000:3000]
+    noise = bytes(rng.randrange(256) for _ in range(2000))
+    for name in E.COMPRESSORS:
+        assert E.compressor_bpb(train, noise, name) > 7.5  # random bytes do not compress
+    assert E.compressor_bpb(train, copy, "xz") < 0.2  # a passage it has already seen costs almost nothing
+
+
+def test_baselines_are_cached_per_dataset(tmp_path: Path) -> None:
+    train, held = b"abracadabra " * 50, b"cadabra abra "
+    logs: list[str] = []
+    first, cached = E.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
+    assert not cached and set(first) == {"unigram", "kn2", "kn3", "mkn3", "zlib", "bz2", "xz"}
+    assert first["kn3"]["bpb"] == pytest.approx(E.ngram_kn_bpb(train, held, 3))
+    again, cached = E.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
+    assert cached and again == first
+    _, cached = E.cached_baselines(tmp_path, "val", train, held + b"!", {"sha256_clean": "x"}, 3, logs.append)
+    assert not cached  # another text: computed again
+
+
+# ----------------------------------------------------------------------------- memorisation and style
+
+@pytest.fixture(scope="module")
+def book_text(book_path: Path) -> str:
+    from prepare import clean_text, decode_text
+
+    return clean_text(decode_text(book_path.read_bytes()))[0]
+
+
+def test_memorisation_of_a_copy_is_total_and_of_shuffled_text_near_zero(book_text: str) -> None:
+    train, held = book_text[:300_000], book_text[300_000:400_000]
+    index = E.TrainIndex(train)
+    words = train.split(" ")
+    copies = [" ".join(words[i:i + 80]) for i in (100, 5000, 20000)]  # whole words, verbatim
+    m = E.memorisation(index, copies)
+    assert m["char30_share"] == 1.0 and m["word8_share"] == 1.0
+    assert m["longest_spans"] == [len(c) for c in copies]
+    shuffled = held.split()
+    random.Random(0).shuffle(shuffled)
+    s = E.memorisation(index, [" ".join(shuffled[i:i + 100]) for i in range(0, 400, 100)])
+    assert s["char30_share"] < 0.01 and s["word8_share"] == 0.0
+    assert s["longest_span"] < 30
+
+
+def test_longest_span_on_a_hand_made_example() -> None:
+    index = E.TrainIndex("the cat sat on the mat")
+    assert index.longest_spans(["a cat sat on a mat", "xyz", ""]) == [" cat sat on ", "", ""]
+    m = E.memorisation(index, ["a cat sat on a mat"], char_n=5, word_n=2)
+    # char 5-grams of "a cat sat on a mat": 14, of which " cat ", "cat s", ..., "t on " (8) occur in train
+    assert m["char_ngrams"] == 14 and m["char5_share"] == pytest.approx(8 / 14)
+    # word 2-grams: a cat, cat sat, sat on, on a, a mat -> "cat sat", "sat on" occur
+    assert m["word_ngrams"] == 5 and m["word2_share"] == pytest.approx(2 / 5)
+
+
+def test_style_statistics_on_a_hand_made_example() -> None:
+    text = "“Pierre, come here!” said Natásha. Pierre smiled. Zzyzx qwerty."
+    s = E.style_stats([text], vocab_lower={"pierre", "come", "here", "said", "natásha", "smiled"})
+    assert s["words"] == 9 and s["sentences"] == 4  # ! . . . end four sentences
+    assert s["mean_word_len"] == pytest.approx(sum(map(len, "Pierre come here said Natásha Pierre smiled Zzyzx qwerty".split())) / 9)
+    assert s["unknown_word_share"] == pytest.approx(2 / 9)
+    assert s["names_per_kword"]["Pierre"] == pytest.approx(2 / 9 * 1000)
+    assert s["names_per_kword"]["Natásha"] == pytest.approx(1 / 9 * 1000)
+    assert s["punct_per_kchar"][","] == pytest.approx(1000 / len(text))
+    assert s["dialogue_share"] == pytest.approx(len("“Pierre, come here!”") / len(text))
+    assert s["distinct"]["1"] == pytest.approx(8 / 9)  # Pierre twice
+    assert E.style_distance(s, s)["word_len_tvd"] == 0.0
+    assert E.tvd([1, 0], [0, 1]) == 1.0 and E.tvd([0.5, 0.5], [0.25, 0.75]) == 0.25
+
+
+def test_prompts_are_spread_start_at_words_and_are_reproducible(book_text: str) -> None:
+    text = book_text[:100_000]
+    starts = E.pick_prompts(text, 8, 200, 500, seed=3)
+    assert starts == E.pick_prompts(text, 8, 200, 500, seed=3) != E.pick_prompts(text, 8, 200, 500, seed=4)
+    stretch = len(text) // 8
+    for i, s in enumerate(starts):
+        assert i * stretch <= s <= (i + 1) * stretch - 700
+        assert s == 0 or (text[s - 1].isspace() and not text[s].isspace())
+
+
+def test_overfitting_summary_and_metrics_reader(tmp_path: Path) -> None:
+    lines = [{"kind": "train", "iter": 10, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 1.0, "time_s": 1.0}]
+    for it, tr, va in [(0, 4.0, 4.0), (100, 2.0, 2.1), (200, 1.5, 1.9), (300, 1.2, 2.0), (400, 1.0, 2.2)]:
+        lines.append({"kind": "eval", "iter": it, "train_loss": tr, "val_loss": va, "val_bpb": va / 0.7})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{half a line", encoding="utf-8")
+    train_rows, evals = E.read_metrics(path)
+    assert len(train_rows) == 1 and len(evals) == 5
+    s = E.overfitting_summary(evals)
+    assert (s["best_iter"], s["best_val_loss"], s["evals_after_best"], s["last_iter"]) == (200, 1.9, 2, 400)
+    assert s["val_rise_after_best"] == pytest.approx(0.3) and s["gap_at_last"] == pytest.approx(1.2)
+    assert E.plot_curves(train_rows, evals, s).startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_eval_run(tiny_char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny trained run, and a copy of its data folder (evaluate caches baselines in it)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "data"
+    shutil.copytree(tiny_char_data, data)
+    train(parse_config(TrainConfig, tiny_train_args(data, root / "run", max_iters=30, learning_rate=3e-3)))
+    return root / "run", data
+
+
+def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    run, data = tiny_eval_run
+    args = [f"--out_dir={run}", "--num_prompts=3", "--gen_tokens=60", "--prompt_chars=50", "--dtype=float32",
+            "--ngram_order=4"]
+    ev = E.main(args)
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "Kneser-Ney, order 4" in out and "memorisation" in out
+    saved = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    lk = saved["likelihood"]
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    assert lk["tokens"] == meta["splits"]["val"]["tokens"] - 1  # the whole split, first token as context
+    assert lk["bytes"] == meta["splits"]["val"]["bytes"] - 1
+    assert lk["bpb"] == pytest.approx(lk["loss"] * lk["tokens"] / lk["bytes"] / math.log(2))
+    assert 2.0 < lk["bpb"] < 6.0  # trained a little: better than uniform over 100+ chars (6.7 bits)
+    assert set(saved["baselines"]) == {"unigram", "kn2", "kn3", "kn4", "mkn4", "zlib", "bz2", "xz"}
+    assert len(saved["samples"]) == 3 and all(len(s["generated"]) == 60 for s in saved["samples"])
+    assert all(len(s["reference"]) == 60 for s in saved["samples"])
+    assert 0.0 <= saved["memorisation"]["generated"]["char30_share"] <= 1.0
+    assert saved["curves"]["evals"] == 4 and saved["curves"]["best_iter"] in (0, 10, 20, 30)
+    report = (run / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Held-out likelihood", "## Baselines", "## Overfitting", "## Memorisation", "## Style", "## Samples"):
+        assert heading in report
+    assert f"{lk['bpb']:.4f}" in report and saved["samples"][0]["generated"] in report
+    for png in ("loss_curves.png", "bpb_baselines.png"):
+        assert f"]({png})" in report and (run / png).read_bytes().startswith(b"\x89PNG")
+    assert (data / "baselines_val.json").is_file()
+    # a second run reads the cached baselines and gets the same figures
+    again = E.main(args + ["--num_prompts=0"])
+    assert any(k.endswith("(cached)") for k in again["timings"])
+    assert again["baselines"] == ev["baselines"] and again["likelihood"] == pytest.approx(ev["likelihood"])
+
+
+def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "empty_run").mkdir()
+    for out_dir, says in [(tmp_path / "missing", "run directory not found"), (tmp_path / "empty_run", "no checkpoint")]:
+        r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={out_dir}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr
+
+
+@pytest.mark.parametrize("arg, says", [("--split=test", "no test split"), ("--split=train", "use val or test"),
+                                       ("--stride=1000", "larger than the model's block_size"),
+                                       ("--data_dir=/nonexistent", "not found")])
+def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
+    run, _ = tiny_eval_run
+    with pytest.raises(UserError, match=says):
+        E.main([f"--out_dir={run}", arg, "--baselines=false", "--num_prompts=0"])
