@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
-from tokenizer import KINDS, META_FILE, Tokenizer, make_tokenizer
+from tokenizer import KINDS, META_FILE, Tokenizer, check_bpe_vocab_size, make_tokenizer
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"
 # sha256 of DEFAULT_URL as tested (the same bytes as ../shared/data/pg2600.txt). Gutenberg
@@ -231,8 +231,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the whole stage; returns the meta.json it wrote."""
     if cfg.tokenizer not in KINDS:
         raise UserError(f"unknown tokenizer '{cfg.tokenizer}'; choose one of {', '.join(KINDS)}")
-    if cfg.tokenizer == "bpe" and not 256 <= cfg.vocab_size <= 65536:
-        raise UserError(f"--vocab_size must be between 256 and 65536 for bpe, got {cfg.vocab_size}")
+    if cfg.tokenizer == "bpe":
+        check_bpe_vocab_size(cfg.vocab_size)  # before any download
     out_dir = Path(cfg.out_dir or f"data/war_and_peace_{cfg.tokenizer}")
     t0 = time.perf_counter()
 

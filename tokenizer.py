@@ -240,12 +240,16 @@ def ranks_from_bytes(data: bytes, where: str) -> dict[bytes, int]:
     return ranks
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    if not 256 <= vocab_size <= 65536:  # the 256 bytes come first; ids must fit in uint16
+        raise UserError(f"bpe --vocab_size must be between 256 and 65536, got {vocab_size}")
+
+
 def train_bpe(text: str, vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE on `text` with rustbpe. Deterministic: same text, same ranks."""
     import rustbpe  # only needed for training
 
-    if not 256 <= vocab_size <= 65536:
-        raise UserError(f"bpe vocab_size must be between 256 and 65536, got {vocab_size}")
+    check_bpe_vocab_size(vocab_size)
     trainer = rustbpe.Tokenizer()
     # One string, not lines: training then sees exactly the pre-tokenization that encoding will.
     trainer.train_from_iterator([text], vocab_size, pattern=BPE_PATTERN)
