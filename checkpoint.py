@@ -46,13 +46,41 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+class _KeepWriteError:
+    """torch.save turns a failed write (disk full) into an opaque RuntimeError ("unexpected pos");
+    this file wrapper keeps the OSError behind it so the user can be told what happened."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, **fields: Any) -> None:
     """Save the unwrapped model's weights with `fields` (see the schema above), atomically."""
     plain = unwrap(model)
     state = {"format": FORMAT, "version": VERSION, "model": plain.state_dict(),
              "model_config": dataclasses.asdict(plain.config), **fields}
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(path) as f:
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+    except OSError as e:  # disk full, quota, read-only: atomic_open has removed its temp file
+        raise UserError(f"cannot save {path}: {e.strerror or e}; the previous {Path(path).name} is unchanged "
+                        f"(free some space, or choose another --out_dir, then --init_from=resume)") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -10,11 +10,13 @@ exactly (weights, optimizer, RNG streams, step). SIGINT/SIGTERM finish the step,
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -334,8 +336,16 @@ class Metrics:
         if resume_iter is None:
             atomic_write_bytes(path, b"")
         elif path.exists():
-            records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-            keep = [json.dumps(r) for r in records if r["iter"] <= resume_iter and r["kind"] != "summary"]
+            records, bad = [], 0
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:  # a crash (or a full disk) in the middle of an append leaves a partial last line
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad += 1
+            if bad:
+                print(f"warning: dropped {bad} unreadable line(s) from {path}", file=sys.stderr)
+            keep = [json.dumps(r) for r in records
+                    if isinstance(r, dict) and r.get("iter", math.inf) <= resume_iter and r.get("kind") != "summary"]
             atomic_write_bytes(path, "".join(l + "\n" for l in keep).encode())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -353,16 +363,34 @@ def check_writable(out_dir: Path) -> None:
         raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}; choose another --out_dir") from None
 
 
-def check_compatible(ckpt: dict[str, Any], model_cfg: GPTConfig, meta: dict[str, Any], path: Path) -> None:
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "meta.json")
+
+
+def remove_stale_temps(out_dir: Path) -> None:
+    """A kill -9 during an atomic write leaves its temp file (.ckpt.pt.XXXX.tmp, see config.atomic_open)
+    beside the intact old file; drop such leftovers of this run's own files (only those: another
+    tool may be writing its own files in out_dir right now)."""
+    for name in RUN_FILES:
+        for tmp in out_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def check_compatible(ckpt: dict[str, Any], model_cfg: GPTConfig, meta: dict[str, Any], path: Path,
+                     optimizer: str = "adamw") -> None:
+    # the data first: another data_dir also changes vocab_size, and "pass the run's --data_dir" is the fix
+    if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
+        raise UserError(f"cannot resume from {path}: it was trained on other data than {meta.get('source', 'data_dir')} "
+                        f"(vocab {ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); pass the run's --data_dir")
     saved = ckpt["model_config"]
     diff = [k for k, v in asdict(model_cfg).items() if saved.get(k) != v]
     if diff:
         pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(model_cfg, k)!r}" for k in diff)
         raise UserError(f"cannot resume from {path}: the model differs ({pairs}); use the run's config "
                         f"(out_dir/config.json) or a new out_dir")
-    if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-        raise UserError(f"cannot resume from {path}: it was trained on other data than {meta.get('source', 'data_dir')} "
-                        f"(vocab {ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); pass the run's --data_dir")
+    was = ckpt.get("config", {}).get("optimizer", "adamw")
+    if was != optimizer:
+        raise UserError(f"cannot resume from {path}: it was trained with optimizer={was}, not {optimizer}; "
+                        f"pass --optimizer={was} or start a new out_dir")
 
 
 @torch.no_grad()
@@ -409,6 +437,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with StopFlag() as stop:
             return _train(cfg, device, d, stop)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        raise UserError(f"cannot write to {cfg.out_dir}: {e.strerror}; its checkpoints are the last good ones "
+                        f"(free some space, or choose another --out_dir, then --init_from=resume)") from None
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -430,10 +463,11 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
 
     out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
     meta = read_meta(data_dir)
-    if d.master:
-        check_writable(out_dir)
-    model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": meta["vocab_size"]})
     batches = {s: Batches(data_dir, s, meta["dtype"], cfg.block_size, cfg.batch_size, device) for s in ("train", "val")}
+    if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
+        check_writable(out_dir)
+        remove_stale_temps(out_dir)
+    model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": meta["vocab_size"]})
 
     # ------------------------------------------------------------------ model, optimisers, state
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -447,7 +481,7 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
     resume_path = checkpoint_path(out_dir, "latest")
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(resume_path, device)
-        check_compatible(ckpt, model_cfg, meta, resume_path)
+        check_compatible(ckpt, model_cfg, meta, resume_path, cfg.optimizer)
         model.load_state_dict(ckpt["model"])
         for opt_, sd in zip(optimizers, ckpt["optimizer"]):
             opt_.load_state_dict(sd)
@@ -506,6 +540,12 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
 
     def evaluate_and_save() -> None:
         losses = estimate_loss(model, batches, cfg, d, ctx)
+        for split, value in losses.items():  # the last step's update broke the weights: do not save them
+            if not math.isfinite(value):
+                bar.close()
+                raise UserError(f"eval loss on {split} became {value} at step {state['iter_num']}; the last good "
+                                f"checkpoints in {out_dir} are kept. Try a lower learning_rate, grad_clip=1, "
+                                f"or dtype=bfloat16/float32")
         improved = losses["val"] < state["best_val_loss"]
         if improved:
             state.update(best_val_loss=losses["val"], best_iter=state["iter_num"], evals_since_best=0)
@@ -569,9 +609,10 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
             o.zero_grad(set_to_none=True)
 
         loss_value = loss.item() * accum
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss became {loss_value} at step {it}; the last good checkpoints in {out_dir} are kept. "
-                            f"Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
+        if not math.isfinite(loss_value):  # step it + 1, as metrics.jsonl counts; nothing is saved after this
+            bar.close()
+            raise UserError(f"loss became {loss_value} at step {it + 1}; the last good checkpoints in {out_dir} are "
+                            f"kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
         state["iter_num"] = it + 1
         state["tokens_seen"] += tokens_per_iter
         state["train_seconds"] += time.time() - t0
@@ -593,7 +634,10 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             reason = "signal"
-            save("latest")
+            if state["iter_num"] % cfg.eval_interval == 0:
+                evaluate_and_save()  # a resume would not redo this step's eval: do it now (it saves too)
+            else:
+                save("latest")
             break
         last = state["iter_num"] >= cfg.max_iters or bool(flags[1])
         if state["iter_num"] % cfg.eval_interval == 0 or last:
