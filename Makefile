@@ -13,7 +13,8 @@ install:
 	  || $(PY) -m pip install -r requirements.txt
 
 dev: install
-	$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install -r requirements-dev.txt
+	$(PY) -c "import pytest, hypothesis, playwright, nbclient, ipykernel, gradio" 2>/dev/null \
+	  || $(PY) -m pip install -r requirements-dev.txt -r requirements-app.txt
 
 test: dev
 	$(PY) -m pytest -q tests
