@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +84,26 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **fields: Any) -> 
                         f"(free some space, or choose another --out_dir, then --init_from=resume)") from None
 
 
+def _refusal(e: Exception) -> str:
+    """The reason inside torch's weights_only message, without its advice to load the file unsafely:
+    the paragraph before "Check the documentation ...", e.g. "Unsupported operand 95"."""
+    paras = [p.strip() for p in re.split(r"\n\s*\n", str(e)) if p.strip()]
+    paras = [p for p in paras if not p.startswith("Check the documentation")]
+    return paras[-1].splitlines()[0] if len(paras) > 1 else "refused"
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint; every way it can be wrong is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train first (python train.py ...) or check --out_dir")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise around our one error line
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused something: not a plain checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
-        raise UserError(f"{path} is not a bookgpt checkpoint and was not loaded (safe loading: {first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a bookgpt checkpoint and was not loaded (safe loading: {_refusal(e)})") from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, EOFError, BadZipFile, ...)
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); "
                         f"use the other checkpoint (--ckpt=best/latest) or train again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

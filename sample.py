@@ -92,6 +92,8 @@ def main(argv: list[str]) -> None:
             raise UserError(f"prompt file not found: {path}") from None
         except UnicodeDecodeError:
             raise UserError(f"prompt file {path} is not UTF-8 text") from None
+        except IsADirectoryError:
+            raise UserError(f"prompt file {path} is a folder, not a file") from None
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -344,8 +345,8 @@ class Metrics:
                     bad += 1
             if bad:
                 print(f"warning: dropped {bad} unreadable line(s) from {path}", file=sys.stderr)
-            keep = [json.dumps(r) for r in records
-                    if isinstance(r, dict) and r.get("iter", math.inf) <= resume_iter and r.get("kind") != "summary"]
+            keep = [json.dumps(r) for r in records if isinstance(r, dict) and isinstance(r.get("iter"), int)
+                    and r["iter"] <= resume_iter and r.get("kind") != "summary"]
             atomic_write_bytes(path, "".join(l + "\n" for l in keep).encode())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -434,16 +435,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     d = setup_distributed(device)
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"
+    lost = False
     try:
         with StopFlag() as stop:
             return _train(cfg, device, d, stop)
+    except RuntimeError as e:  # gloo and NCCL report a dead or hung peer as a RuntimeError
+        lost = d.world > 1 and (isinstance(e, dist.DistError) or any(
+            s in str(e) for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")))
+        if not lost:
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0][:200]  # drop gloo's source path
+        raise UserError(f"lost contact with another process of this job (rank {d.rank}: {first}); torchrun's "
+                        f"report names the process that failed first; fix it, then --init_from=resume") from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             raise
         raise UserError(f"cannot write to {cfg.out_dir}: {e.strerror}; its checkpoints are the last good ones "
                         f"(free some space, or choose another --out_dir, then --init_from=resume)") from None
     finally:
-        if d.world > 1 and dist.is_initialized():
+        if d.world > 1 and dist.is_initialized() and not lost:  # with a peer gone, teardown could hang
             dist.destroy_process_group()
 
 
