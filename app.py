@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from checkpoint import FILES, load_for_inference
+from checkpoint import FILES, checkpoint_path, load_for_inference
 from config import UserError, cli, opt, parse_config
 from sample import MAX_NEW_TOKENS, check_sampling, encode_prompt, stream_text
 from train import resolve_device, resolve_dtype
@@ -90,12 +90,13 @@ def run_facts(out_dir: str, model: Any, info: dict[str, Any]) -> str:
 
 
 class Runs:
-    """Loaded models by run directory, so a request does not reload its checkpoint."""
+    """Loaded models by run directory, so a request does not reload its checkpoint; a checkpoint
+    rewritten since (a run still training) is loaded afresh."""
 
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg, self.device = cfg, resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.loaded: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self.loaded: dict[str, tuple[int, Any, dict[str, Any]]] = {}  # out_dir -> (file mtime, model, info)
         self.lock = threading.Lock()
 
     def choices(self) -> list[str]:
@@ -104,10 +105,12 @@ class Runs:
     def get(self, out_dir: str) -> tuple[Any, dict[str, Any]]:
         if out_dir != self.cfg.out_dir and out_dir not in self.choices():  # the API could name any path
             raise UserError(f"unknown run '{out_dir}': choose one of {', '.join(self.choices())}")
+        path = checkpoint_path(out_dir, self.cfg.ckpt)
+        stamp = path.stat().st_mtime_ns if path.is_file() else -1  # no file: load_for_inference says so
         with self.lock:
-            if out_dir not in self.loaded:
-                self.loaded[out_dir] = load_for_inference(out_dir, self.cfg.ckpt, self.device)
-            return self.loaded[out_dir]
+            if out_dir not in self.loaded or self.loaded[out_dir][0] != stamp:
+                self.loaded[out_dir] = (stamp, *load_for_inference(out_dir, self.cfg.ckpt, self.device))
+            return self.loaded[out_dir][1:]
 
 
 def build(cfg: AppConfig, runs: Runs) -> Any:
@@ -127,7 +130,7 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
             raise gr.Error(f"The prompt has {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted.")
         if not 1 <= max_new_tokens <= cfg.max_tokens_limit:
             raise gr.Error(f"Max new tokens must be between 1 and {cfg.max_tokens_limit:,}, got {max_new_tokens}.")
-        if seed is None or seed != int(seed):
+        if seed is None or not float(seed).is_integer():
             raise gr.Error(f"The seed must be a whole number, got {seed}.")
         try:
             model, info = runs.get(run)

@@ -207,6 +207,19 @@ def test_val_bpb_prefers_evaluate_then_training_metrics(tmp_path: Path) -> None:
     assert val_bpb(tmp_path) == "2.0000 (evaluate.py, full pass over the val split, best.pt)"
 
 
+def test_runs_load_once_and_again_when_the_checkpoint_changes(runs_dir: Path) -> None:
+    run = str(runs_dir / "tiny")
+    runs = app.Runs(app.AppConfig(out_dir=run, runs_dir=str(runs_dir), device="cpu"))
+    model, info = runs.get(run)
+    assert runs.get(run)[0] is model and info["tokenizer"].kind == "char"
+    best = runs_dir / "tiny" / "best.pt"
+    st = best.stat()
+    os.utime(best, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as if training saved a new best
+    assert runs.get(run)[0] is not model
+    with pytest.raises(UserError, match="unknown run"):
+        runs.get(str(runs_dir))  # only folders with a checkpoint
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out_dir=does/not/exist"], "run directory not found"),
     (["--port=70000"], "port must be between"),
