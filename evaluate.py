@@ -747,9 +747,10 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
                         f"run from the directory you trained in or pass --data_dir")
     meta = read_meta(data_dir)
     trained = info["meta"]
-    if (meta.get("sha256_clean"), meta["tokenizer"].get("kind"), meta["vocab_size"]) != \
-            (trained.get("sha256_clean"), trained["tokenizer"].get("kind"), trained["vocab_size"]):
-        raise UserError(f"{data_dir} holds other data or another tokenizer than {out_dir} was trained on; "
+    # the same text, tokenizer and split points, or "held-out" text could be text it trained on
+    same = ("sha256_clean", "vocab_size", "fractions")
+    if any(meta.get(k) != trained.get(k) for k in same) or meta["tokenizer"].get("kind") != trained["tokenizer"].get("kind"):
+        raise UserError(f"{data_dir} holds other data, splits or another tokenizer than {out_dir} was trained on; "
                         f"pass that run's --data_dir")
 
     # -- 1. likelihood: one full pass

@@ -306,6 +306,17 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr
 
 
+def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = tiny_eval_run
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    meta = json.loads((other / "meta.json").read_text(encoding="utf-8"))
+    meta["fractions"] = {"val": 0.2, "test": 0.0}  # re-prepared: the new val overlaps the old train
+    (other / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(UserError, match="other data, splits or another tokenizer"):
+        E.main([f"--out_dir={run}", f"--data_dir={other}", "--num_prompts=0", "--baselines=false"])
+
+
 @pytest.mark.parametrize("arg, says", [("--split=test", "no test split"), ("--split=train", "use val or test"),
                                        ("--stride=1000", "larger than the model's block_size"),
                                        ("--data_dir=/nonexistent", "not found")])
