@@ -1,0 +1,423 @@
+"""Measure how fast bookgpt trains and samples: tokens/s, ms/step, FLOPs per token, TFLOP/s, MFU.
+
+    python bench.py                                              # the default model, as train.py would run it here
+    python bench.py config/wp_char_2x4090.toml --device=cpu --batch_size=16 --gradient_accumulation_steps=1 --compare
+    python bench.py config/wp_char_2x4090.toml --compare         # on a GPU: flash attention check, datasheet MFU
+
+Training steps are timed after warm-up (the first step, which compiles when compile=true, is
+reported on its own) on random tokens, exactly as train.py steps: forward and backward under
+autocast, gradient clipping, the optimizer step. MFU is achieved FLOP/s over the device's peak:
+on a CPU the best bf16 (and fp32) matrix product this script measures here, on a known GPU its
+datasheet bf16 peak; --peak_tflops overrides both. --compare also runs a plain configuration
+(float32, eager, the unfused "math" attention, a for-loop AdamW) side by side with bookgpt's,
+their steps interleaved so both see the same machine load. Sampling times max_new_tokens after a
+prompt with the KV cache and without it (recomputing the context every token) and checks the
+two give the same tokens. Prints a table and writes --out (JSON).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from model import GPT, GPTConfig
+from sample import SampleConfig
+from train import Batches, TrainConfig, autocast, make_optimizers, read_meta, resolve_device, resolve_dtype, validate
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (GeForce cards: with fp32
+# accumulation, which is what bf16 autocast uses). Checked in order, so "H100 PCIe" before "H100".
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                   ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("L40S", 362.0), ("L4", 121.0))
+CHAR_VOCAB = 104  # War and Peace's distinct characters: the vocabulary when no prepared data is found
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    """Every training key (so train.py's config files work here) plus the benchmark's own."""
+    vocab_size: int = opt(0, "vocabulary size (0 = from data_dir/meta.json, else War and Peace's 104 characters)")
+    warmup_steps: int = opt(3, "untimed steps first (the first one compiles when compile=true)")
+    steps: int = opt(10, "timed training steps per configuration")
+    compare: bool = opt(False, "also run the plain configuration (float32, eager, unfused) and print the ratio")
+    peak_tflops: float = opt(0.0, "the device's peak TFLOP/s for MFU (0 = measure it on CPU, datasheet on GPU)")
+    peak_size: int = opt(0, "matrix size for the measured matmul peak (0 = 2048 on CPU, 8192 on GPU)")
+    sample_tokens: int = opt(1000, "tokens to generate in the sampling benchmark (0 = skip it)")
+    sample_prompt: int = opt(200, "prompt length in tokens for the sampling benchmark")
+    sample_dtype: str = opt("float32", "precision for sampling; float32 keeps cached and uncached tokens identical")
+    profile: bool = opt(False, "print the torch.profiler table of one step of each configuration")
+    out: str = opt("out/bench.json", "write the results here as JSON ('' = don't)")
+
+
+def check(cfg: BenchConfig) -> None:
+    validate(cfg)
+    for key in ("steps", "sample_prompt"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "sample_tokens", "peak_size", "vocab_size"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.peak_tflops < 0:
+        raise UserError(f"'peak_tflops' must be >= 0 (0 = measure / datasheet), got {cfg.peak_tflops}")
+    if cfg.sample_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"bad value for 'sample_dtype': {cfg.sample_dtype!r}; use one of auto, float32, bfloat16, float16")
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+def throughput(model: GPT, tokens_per_step: int, seconds_per_step: float, seq_len: int,
+               peak_flops: float | None) -> dict[str, float | None]:
+    """The figures of one timed configuration; FLOPs come from the model's own count (6N + attention)."""
+    tokens_per_s = tokens_per_step / seconds_per_step
+    flops = model.flops_per_token(seq_len)
+    return {"ms_per_step": seconds_per_step * 1e3, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
+            "tflops": flops * tokens_per_s / 1e12,
+            "mfu": model.estimate_mfu(tokens_per_s, peak_flops, seq_len) if peak_flops else None}
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int, device: str, seconds: float = 1.0, max_reps: int = 50) -> float:
+    """Best FLOP/s of an n x n x n matrix product in dtype (of the repetitions that fit in `seconds`):
+    the practical ceiling of this device."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b
+    sync(device)
+    best, spent, reps = math.inf, 0.0, 0
+    while reps < 3 or (spent < seconds and reps < max_reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return 2 * n ** 3 / best
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """The datasheet bf16 TFLOP/s of a GPU by its CUDA name, or None when it is not in the table."""
+    return next((tf for key, tf in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def device_peaks(cfg: BenchConfig, device: str) -> dict[str, Any]:
+    """Measured bf16 and fp32 matmul peaks, and the peak MFU is taken against (in FLOP/s)."""
+    n = cfg.peak_size or (8192 if device.startswith("cuda") else 2048)
+    peaks: dict[str, Any] = {"matmul_size": n}
+    for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        peaks[f"measured_{name}_flops"] = matmul_peak(dt, n, device)
+    if cfg.peak_tflops > 0:
+        peaks.update(peak_flops=cfg.peak_tflops * 1e12, source="--peak_tflops")
+    elif device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name(torch.device(device))
+        tf = gpu_peak_tflops(gpu)
+        peaks.update(peak_flops=tf * 1e12 if tf else None,
+                     source=f"datasheet bf16 ({gpu})" if tf else f"unknown GPU {gpu}: pass --peak_tflops")
+    else:  # a CPU has no datasheet figure worth trusting: its best bf16 product, measured here
+        peaks.update(peak_flops=peaks["measured_bfloat16_flops"], source=f"measured bf16 matmul {n}^3")
+    return peaks
+
+
+# ----------------------------------------------------------------------------- training
+
+class TrainRun:
+    """One configuration's model, optimizer and batches, stepped exactly as train.py steps."""
+
+    def __init__(self, name: str, cfg: BenchConfig, device: str, plain: bool) -> None:
+        self.name, self.cfg, self.device, self.plain = name, cfg, device, plain
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        torch.manual_seed(cfg.seed)  # both configurations start from the same weights
+        self.model = GPT(GPTConfig.from_dict(config_dict(cfg))).to(device)
+        self.optimizers = make_optimizers(self.model, cfg, device)
+        if plain:  # the reference implementation: one parameter at a time, no multi-tensor or fused kernels
+            for o in self.optimizers:
+                for group in o.param_groups:
+                    group.update(fused=False, foreach=False)
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=self.dtype == "float16")
+        self.ctx = autocast(device, self.dtype)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        tokens = torch.randint(cfg.vocab_size, (cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1),
+                               generator=gen).to(device)
+        self.batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.attention = self.attention_backend()
+        self.forward: torch.nn.Module = self.model
+        self.compile_error = ""
+        if cfg.compile and not plain:
+            self.forward = torch.compile(self.model)
+        self.first_step_s = 0.0
+        self.times: list[float] = []
+
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """Plain attention is the unfused reference (softmax(QK^T)V as separate ops)."""
+        return sdpa_kernel([SDPBackend.MATH]) if self.plain else contextlib.nullcontext()
+
+    def attention_backend(self) -> str:
+        """The fastest SDPA kernel that runs this model's attention (forward and backward), found by
+        allowing one backend at a time: "flash" means the flash kernel ran, nothing else was allowed."""
+        if self.plain:
+            return "math"
+        x, y = self.batches[0]
+        x, y = x[:1], y[:1]
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([backend]), self.ctx:
+                    _, loss = self.model(x, y)
+                loss.backward()
+                return backend.name.lower().removesuffix("_attention")
+            except RuntimeError:
+                continue
+            finally:
+                self.model.zero_grad(set_to_none=True)
+        return "math"
+
+    def step(self) -> float:
+        """One training step (all micro-batches, clip, optimizer); returns its loss."""
+        accum = len(self.batches)
+        with self.kernels():
+            for x, y in self.batches:
+                with self.ctx:
+                    _, loss = self.forward(x, y)
+                    loss = loss / accum
+                self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            for o in self.optimizers:
+                self.scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for o in self.optimizers:
+            self.scaler.step(o)
+        self.scaler.update()
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        return loss.item() * accum  # the host reads the loss every step, as train.py does
+
+    def warm_up(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.step()
+        except Exception as e:  # a compiler that fails here (no toolchain, unsupported op) must not end the benchmark
+            if self.forward is self.model:
+                raise
+            self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            print(f"warning: torch.compile failed in {self.name} ({self.compile_error}); timing eager instead")
+            for o in self.optimizers:
+                o.zero_grad(set_to_none=True)
+            self.forward = self.model
+            t0 = time.perf_counter()
+            self.step()
+        sync(self.device)
+        self.first_step_s = time.perf_counter() - t0
+        for _ in range(self.cfg.warmup_steps - 1):
+            self.step()
+
+    def timed_step(self) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+
+    def result(self, peak_flops: float | None, measured: dict[str, Any]) -> dict[str, Any]:
+        # the median step: a neighbour's burst of work on a shared machine does not move it
+        seconds = statistics.median(self.times)
+        figures = throughput(self.model, self.tokens_per_step, seconds, self.cfg.block_size, peak_flops)
+        own_peak = measured.get(f"measured_{'float32' if self.dtype == 'float32' else 'bfloat16'}_flops")
+        compiled = self.forward is not self.model
+        return {"name": self.name, "dtype": self.dtype, "compile": compiled, "attention": self.attention,
+                "fused_adamw": bool(self.optimizers[0].param_groups[0].get("fused")),
+                "params": self.model.num_params(), "tokens_per_step": self.tokens_per_step, **figures,
+                # MFU against the measured peak of this configuration's own precision (fp32 rows: fp32 peak)
+                "mfu_own_dtype": figures["tflops"] * 1e12 / own_peak if own_peak else None,
+                "first_step_s": self.first_step_s,
+                "compile_s": max(0.0, self.first_step_s - seconds) if compiled else 0.0,
+                "compile_error": self.compile_error, "step_s_all": self.times}
+
+    def profile(self) -> str:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            self.step()
+            sync(self.device)
+        key = "cuda_time_total" if self.device.startswith("cuda") else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
+def bench_training(cfg: BenchConfig, device: str, peaks: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = [TrainRun("bookgpt", cfg, device, plain=False)]
+    if cfg.compare:
+        runs.insert(0, TrainRun("plain", replace(cfg, dtype="float32", compile=False), device, plain=True))
+    for r in runs:
+        print(f"warming up {r.name} ({r.dtype}, {'compile' if r.cfg.compile and not r.plain else 'eager'}, "
+              f"attention: {r.attention})...", flush=True)
+        r.warm_up()
+    for i in range(cfg.steps):  # interleaved: a change in machine load hits every configuration alike
+        for r in runs:
+            r.timed_step()
+    if cfg.profile:
+        for r in runs:
+            print(f"\nprofile of one {r.name} step:\n{r.profile()}")
+    return [r.result(peaks["peak_flops"], peaks) for r in runs]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def bench_sampling(cfg: BenchConfig, device: str) -> dict[str, Any]:
+    """Tokens/s of model.generate with and without the KV cache: same weights, seed and settings."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig.from_dict({**config_dict(cfg), "dropout": 0.0})).to(device).eval()
+    dtype = resolve_dtype(cfg.sample_dtype, device)
+    s = SampleConfig()  # sample.py's defaults: temperature, top-k, top-p
+    prompt = torch.randint(cfg.vocab_size, (1, cfg.sample_prompt), generator=torch.Generator().manual_seed(cfg.seed))
+    prompt = prompt.to(device)
+
+    def generate(n: int, use_cache: bool) -> tuple[torch.Tensor, float]:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            out = model.generate(prompt, n, s.temperature, s.top_k or None, s.top_p if s.top_p < 1 else None,
+                                 generator=gen, use_cache=use_cache)
+        sync(device)
+        return out, time.perf_counter() - t0
+
+    generate(8, True), generate(8, False)  # warm-up: first-call allocations and kernel choices
+    cached, t_cached = generate(cfg.sample_tokens, True)
+    uncached, t_uncached = generate(cfg.sample_tokens, False)
+    new_c, new_u = cached[0, cfg.sample_prompt:], uncached[0, cfg.sample_prompt:]
+    same = torch.equal(new_c, new_u)
+    diff = None if same else int((new_c != new_u).nonzero()[0, 0])
+    return {"dtype": dtype, "prompt_tokens": cfg.sample_prompt, "new_tokens": cfg.sample_tokens,
+            "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "cached_tokens_per_s": cfg.sample_tokens / t_cached, "uncached_tokens_per_s": cfg.sample_tokens / t_uncached,
+            "speedup": t_uncached / t_cached, "identical": same, "first_difference": diff}
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_report(res: dict[str, Any]) -> None:
+    m, p = res["machine"], res["peaks"]
+    load = res["load_avg"]
+    print(f"\n{m.get('gpu', m['cpu'])}, {m['torch_threads']} torch threads, torch {m['torch']}, "
+          f"load average {load[0]:.2f} (1 min) at the start")
+    print(f"matmul peak {p['matmul_size']}^3: bf16 {p['measured_bfloat16_flops'] / 1e12:.3f} TFLOP/s, "
+          f"fp32 {p['measured_float32_flops'] / 1e12:.3f} TFLOP/s; MFU against "
+          f"{_fmt(p['peak_flops'] and p['peak_flops'] / 1e12, '.3f')} TFLOP/s ({p['source']})")
+    rows = res["train"]
+    print(f"model: {rows[0]['params'] / 1e6:.2f}M params, {rows[0]['flops_per_token'] / 1e6:.1f} MFLOPs per token "
+          f"(training), {rows[0]['tokens_per_step']:,} tokens per step\n")
+    head = ("config", "dtype", "compile", "attention", "ms/step", "tokens/s", "TFLOP/s", "MFU", "MFU own", "1st step s")
+    table = [head] + [(r["name"], r["dtype"], "yes" if r["compile"] else "no", r["attention"], f"{r['ms_per_step']:.1f}",
+                       f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.3f}", _fmt(r["mfu"] and 100 * r["mfu"], ".1f") + "%",
+                       _fmt(r["mfu_own_dtype"] and 100 * r["mfu_own_dtype"], ".1f") + "%", f"{r['first_step_s']:.1f}")
+                      for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    if "ratio" in res:
+        print(f"\nbookgpt / plain: {res['ratio']:.2f}x the tokens/s")
+    for r in rows:
+        if r["compile"]:
+            print(f"{r['name']}: compile took ~{r['compile_s']:.1f} s (first step minus a steady one)")
+    if res.get("data_ms_per_batch") is not None:
+        print(f"data loading (train.Batches): {res['data_ms_per_batch']:.2f} ms per micro-batch")
+    s = res.get("sampling")
+    if s:
+        print(f"\nsampling {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt ({s['dtype']}): "
+              f"KV cache {s['cached_tokens_per_s']:,.1f} tokens/s, recomputing {s['uncached_tokens_per_s']:,.1f} "
+              f"tokens/s: {s['speedup']:.1f}x; tokens identical: "
+              + ("yes" if s["identical"] else f"NO (first difference at new token {s['first_difference']})"))
+
+
+def data_ms_per_batch(cfg: BenchConfig, device: str, n: int = 20) -> float | None:
+    """Time train.py's batch loader on the prepared data, when there is any."""
+    data_dir = Path(cfg.data_dir)
+    if not (data_dir / "meta.json").is_file():
+        return None
+    meta = read_meta(data_dir)
+    b = Batches(data_dir, "train", meta["dtype"], cfg.block_size, cfg.batch_size, device)
+    gen = torch.Generator().manual_seed(0)
+    b.get(gen)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        b.get(gen)
+    sync(device)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark as configured; returns the results (also written to cfg.out)."""
+    check(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if device.startswith("cuda"):  # as train.py: TF32 for any float32 matmul left
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.vocab_size == 0:
+        meta_path = Path(cfg.data_dir) / "meta.json"
+        cfg = replace(cfg, vocab_size=read_meta(Path(cfg.data_dir))["vocab_size"] if meta_path.is_file() else CHAR_VOCAB)
+    res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                           "load_avg": list(os.getloadavg()), "machine": machine(device), "config": config_dict(cfg)}
+    print("measuring the matmul peaks...", flush=True)
+    res["peaks"] = device_peaks(cfg, device)
+    res["train"] = bench_training(cfg, device, res["peaks"])
+    if cfg.compare:
+        res["ratio"] = res["train"][1]["tokens_per_s"] / res["train"][0]["tokens_per_s"]
+    res["data_ms_per_batch"] = data_ms_per_batch(cfg, device)
+    if cfg.sample_tokens:
+        print("sampling with and without the KV cache...", flush=True)
+        res["sampling"] = bench_sampling(cfg, device)
+    res["load_avg_end"] = list(os.getloadavg())
+    print_report(res)
+    if cfg.out:
+        atomic_write_json(cfg.out, res)
+        print(f"\nwrote {cfg.out}")
+    return res
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(BenchConfig, argv, prog="bench.py", doc=__doc__.split("\n\n")[0])
+    res = run(cfg)
+    if cfg.sample_tokens and not res["sampling"]["identical"]:  # a cache that changes the output is a bug
+        print("error: sampling with the KV cache gave other tokens than recomputing the context", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli(main)

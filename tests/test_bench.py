@@ -1,0 +1,94 @@
+"""bench.py: its arithmetic (FLOPs per token, TFLOP/s, MFU, peaks) and a tiny --compare run. No timings are asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import BenchConfig, device_peaks, gpu_peak_tflops, throughput
+from config import parse_config
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 2, "dropout": 0.0,
+        "device": "cpu", "threads": 1, "steps": 2, "warmup_steps": 1, "peak_size": 64,
+        "sample_prompt": 6, "sample_tokens": 40}
+
+
+def test_flops_tflops_and_mfu_match_a_hand_count() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32))
+    C, L, T, V = 32, 2, 16, 37
+    matmul = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C) + V * C  # qkv, proj, fc, mlp proj; the head
+    flops = 6 * matmul + 12 * L * C * T  # 6 per weight (forward + backward), plus attention
+    # 4 sequences of 16 tokens in 0.032 s: 2,000 tokens/s
+    fig = throughput(model, tokens_per_step=64, seconds_per_step=0.032, seq_len=T, peak_flops=1e9)
+    assert fig["tokens_per_s"] == pytest.approx(2000.0)
+    assert fig["ms_per_step"] == pytest.approx(32.0)
+    assert fig["flops_per_token"] == flops == 6 * 24_576 + 6 * 1184 + 12_288
+    assert fig["tflops"] == pytest.approx(flops * 2000 / 1e12)
+    assert fig["mfu"] == pytest.approx(flops * 2000 / 1e9)
+    # a shorter sequence has cheaper attention; no known peak, no MFU
+    short = throughput(model, 64, 0.032, seq_len=8, peak_flops=None)
+    assert short["flops_per_token"] == flops - 12 * L * C * 8
+    assert short["mfu"] is None
+
+
+def test_peaks_measured_on_cpu_and_overridable() -> None:
+    cfg = BenchConfig(peak_size=64)
+    measured = device_peaks(cfg, "cpu")
+    assert measured["matmul_size"] == 64
+    assert measured["measured_bfloat16_flops"] > 0 and measured["measured_float32_flops"] > 0
+    assert measured["peak_flops"] == measured["measured_bfloat16_flops"]  # a CPU's peak: its bf16 product
+    given = device_peaks(BenchConfig(peak_size=64, peak_tflops=2.5), "cpu")
+    assert given["peak_flops"] == 2.5e12 and given["source"] == "--peak_tflops"
+
+
+def test_gpu_datasheet_peaks() -> None:
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_peak_tflops("NVIDIA GeForce RTX 4090") == 165.0
+    assert gpu_peak_tflops("NVIDIA L40S") == 362.0 and gpu_peak_tflops("NVIDIA L4") == 121.0
+    assert gpu_peak_tflops("Some Future GPU") is None
+
+
+def test_training_config_files_are_accepted() -> None:
+    cfg = parse_config(BenchConfig, [str(ROOT / "config/wp_char_2x4090.toml"), "--device=cpu", "--batch_size=16"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size, cfg.batch_size) == (6, 384, 6, 256, 16)
+    assert cfg.compile and cfg.sample_tokens == 1000 and cfg.sample_prompt == 200
+
+
+def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [f"--{k}={v}" for k, v in TINY.items()] + ["--compare", f"--out={out}", f"--data_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "bookgpt / plain:" in r.stdout and "tokens identical: yes" in r.stdout
+    res = json.loads(out.read_text())
+    plain, ours = res["train"]
+    assert (plain["name"], plain["dtype"], plain["compile"], plain["attention"], plain["fused_adamw"]) == \
+        ("plain", "float32", False, "math", False)
+    assert ours["name"] == "bookgpt" and ours["dtype"] in ("bfloat16", "float32")  # dtype=auto: bf16 where the CPU has it
+    assert ours["attention"] in ("flash", "math")
+    for row in res["train"]:
+        assert len(row["step_s_all"]) == TINY["steps"]
+        assert row["tokens_per_step"] == 2 * 16
+        assert row["tokens_per_s"] == pytest.approx(32 / (row["ms_per_step"] / 1e3))
+        assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / res["peaks"]["peak_flops"])
+    assert res["ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"])
+    s = res["sampling"]
+    assert s["identical"] and s["new_tokens"] == 40 and s["speedup"] > 0
+    assert res["data_ms_per_batch"] is None  # no prepared data in data_dir: nothing to time
+    assert res["config"]["vocab_size"] == 104
+
+
+def test_bad_options_are_one_clear_error() -> None:
+    for bad, msg in (("--steps=0", "'steps' must be at least 1"), ("--warmup_step=2", "did you mean warmup_steps"),
+                     ("--sample_dtype=int8", "sample_dtype")):
+        r = subprocess.run([sys.executable, "bench.py", bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        assert r.stderr.startswith("error: ") and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
