@@ -1,0 +1,698 @@
+"""Config-file sweeps: one training run per grid point or variant, then a results table and plot.
+
+    python sweep.py config/sweeps/lr_size.toml --dry_run      # list the runs, run nothing
+    python sweep.py config/sweeps/lr_size.toml --max_minutes=1
+    python sweep.py config/sweeps/lr_size.toml --nproc_per_node=2   # each run through torchrun
+
+A sweep file is TOML with four reserved keys:
+
+    base = ["config/wp_char_cpu.toml"]   # train.py config files, applied in order
+    [fixed]                              # overrides for every run
+    max_minutes = 5
+    [grid]                               # every combination of these values
+    learning_rate = [1e-3, 3e-3]
+    [[variants]]                         # and/or explicit runs; each is combined with the grid
+    name = "small"                       # optional: names the variant in run names
+    n_layer = 4
+
+Each run trains in its own process (`python train.py BASE... --key=value ... --out_dir=RUN_DIR`), so a
+crash cannot take the sweep down, in out/sweeps/NAME/RUN with RUN built from the swept values
+(small_lr0.003). Every run's full config is checked before the first one starts. A failed run is
+recorded with its error and the sweep goes on. Running the same command again skips finished runs
+and resumes interrupted ones (--init_from=resume). After every run, out/sweeps/NAME/results.csv,
+results.md and val_bpb.png are rewritten. Command-line keys of train.py (--max_minutes=1,
+--device=cuda) apply to every run.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from config import (UserError, _unknown, apply_overrides, atomic_write_bytes, atomic_write_json, cli,
+                    config_dict, format_help, opt, read_toml, split_argv)
+from tokenizer import KINDS
+from train import TrainConfig, validate
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
+RESERVED = ("base", "fixed", "grid", "variants")
+SET_BY_SWEEP = ("out_dir", "init_from")  # every run gets its own out_dir; resume is decided per run
+# config.json keys that may differ between attempts of one run without changing what it trains
+NOT_COMPARED = {"out_dir", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "wandb_group"}
+STOP_GRACE_S = 120  # after SIGTERM a run finishes its step and saves; then it is killed
+# short names for run directories; a key not listed uses its own name, "" shows the value alone
+ABBREV = {"learning_rate": "lr", "min_lr": "minlr", "n_layer": "layer", "n_head": "head", "n_embd": "embd",
+          "block_size": "ctx", "batch_size": "bs", "gradient_accumulation_steps": "accum", "dropout": "drop",
+          "weight_decay": "wd", "max_iters": "iters", "warmup_iters": "warmup", "data_dir": ""}
+
+
+@dataclass
+class SweepOptions:
+    dry_run: bool = opt(False, "list the runs (what would happen to each) and their commands; run nothing")
+    nproc_per_node: int = opt(0, "run each training through torchrun with N processes (0 = plain python)")
+    timeout_minutes: float = opt(0.0, "stop a run after this much wall time (SIGTERM: it saves ckpt.pt); 0 = off")
+    out_root: str = opt("out/sweeps", "a sweep writes to OUT_ROOT/NAME/ (NAME: the sweep file's name)")
+    show_output: bool = opt(False, "echo each run's output here as well as into RUN/train.log")
+
+
+@dataclass
+class Run:
+    name: str
+    swept: dict[str, Any]  # swept key -> value as the sweep file gives it (variant name under "variant")
+    overrides: dict[str, Any]  # everything sweep.py passes to train.py as --key=value, typed
+    cfg: TrainConfig  # the full config the run trains with (validated)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    base: list[str]
+    fixed: dict[str, Any]
+    cli: dict[str, Any]  # train.py keys from the command line, for every run
+    keys: list[str]  # swept keys, in column order
+    runs: list[Run] = field(default_factory=list)
+    dir: Path = Path()
+
+
+# ----------------------------------------------------------------------------- the sweep file
+
+def _check(values: dict[str, Any], where: str) -> None:
+    """Type-check `values` against TrainConfig; errors name the place in the sweep file."""
+    try:
+        apply_overrides(TrainConfig(), values, where=f" in {where}")
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith("unknown") else f"{where}: {e}") from None
+    for k in SET_BY_SWEEP:
+        if k in values:
+            raise UserError(f"{where}: '{k}' is set by sweep.py (each run gets its own out_dir under the "
+                            f"sweep's folder and is resumed when interrupted); remove it")
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str) and "/" in v:
+        return Path(v).name or v  # a path (data_dir): its last part
+    return str(v)
+
+
+def run_name(parts: dict[str, Any]) -> str:
+    """A readable directory name from swept values: lr0.003_layer4, mlp-swiglu, war_and_peace_char."""
+    words = []
+    for k, v in parts.items():
+        if k == "variant":
+            words.append(str(v))
+            continue
+        abbr, text = ABBREV.get(k, k), _format_value(v)
+        sep = "-" if abbr and (isinstance(v, (str, bool)) or abbr[-1].isdigit()) else ""
+        words.append(f"{abbr}{sep}{text}")
+    name = re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(words)).strip("-.")
+    return name or "run"
+
+
+def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | Path) -> Sweep:
+    """Parse and validate a sweep file into its runs; every error a user can cause is a UserError,
+    raised before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse sweep file {path}: {e}") from None
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in data:
+        if k in train_keys:
+            raise UserError(f"{path}: '{k}' is a train.py key; put it under [fixed] (or [grid]) in the sweep file")
+        if k not in RESERVED:
+            raise _unknown(k, RESERVED, f" in sweep file {path} (its top-level keys are {', '.join(RESERVED)})")
+
+    base = data.get("base", [])
+    if isinstance(base, str):
+        base = [base]
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        raise UserError(f"{path}: base must be a config file name or a list of them, e.g. base = [\"config/x.toml\"]")
+    cfg0 = TrainConfig()
+    for b in base:
+        cfg0 = apply_overrides(cfg0, read_toml(b), where=f" in {b}")
+
+    fixed = data.get("fixed", {})
+    if not isinstance(fixed, dict):
+        raise UserError(f"{path}: fixed must be a table: [fixed] followed by key = value lines")
+    _check(fixed, f"[fixed] of {path}")
+
+    grid = data.get("grid")
+    variants = data.get("variants")
+    if grid is None and variants is None:
+        raise UserError(f"{path} has no [grid] and no [[variants]]: nothing to sweep")
+    grid = {} if grid is None else grid
+    if not isinstance(grid, dict):
+        raise UserError(f"{path}: grid must be a table: [grid] followed by key = [values] lines")
+    if "grid" in data and not grid:
+        raise UserError(f"{path}: [grid] is empty; give it key = [value, ...] lines or remove it")
+    for k, values in grid.items():
+        if not isinstance(values, list):
+            raise UserError(f"{path}: [grid] {k} must be a list of values, e.g. {k} = [{values!r}]")
+        if not values:
+            raise UserError(f"{path}: [grid] {k} is an empty list; give it at least one value")
+        if len({json.dumps(v) for v in values}) < len(values):
+            raise UserError(f"{path}: [grid] {k} repeats a value: {values}")
+        for v in values:
+            _check({k: v}, f"[grid] of {path}")
+    variants = [{}] if variants is None else variants
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise UserError(f"{path}: variants must be [[variants]] tables, one per run")
+    named = [("name" in v) for v in variants]
+    if any(named) and not all(named):
+        raise UserError(f"{path}: give every [[variants]] table a name, or none of them")
+    for i, v in enumerate(variants, 1):
+        if "name" in v and (not isinstance(v["name"], str) or not v["name"].strip()):
+            raise UserError(f"{path}: [[variants]] number {i} has a bad name {v['name']!r}; use a short string")
+        _check({k: x for k, x in v.items() if k != "name"}, f"[[variants]] number {i} of {path}")
+
+    # a key may be swept in one place only, so no run depends on which wins
+    variant_keys = list(dict.fromkeys(k for v in variants for k in v if k != "name"))
+    for k in variant_keys:
+        if k in grid:
+            raise UserError(f"{path}: '{k}' is in both [grid] and [[variants]]; sweep it in one of them")
+    for k in [*variant_keys, *grid]:
+        if k in fixed:
+            raise UserError(f"{path}: '{k}' is both in [fixed] and swept; remove it from [fixed]")
+        if k in cli_overrides:
+            raise UserError(f"--{k} on the command line would override a swept key of {path}")
+    keys = (["variant"] if any(named) else []) + variant_keys + list(grid)
+
+    sweep = Sweep(name=path.stem, path=path, base=base, fixed=fixed, cli=cli_overrides, keys=keys,
+                  dir=Path(out_root) / path.stem)
+    seen: dict[str, int] = {}
+    for variant in variants:
+        for point in product(*grid.values()):
+            values = {k: v for k, v in variant.items() if k != "name"} | dict(zip(grid, point))
+            swept = ({"variant": variant["name"]} if "name" in variant else {}) | values
+            label = run_name({"variant": variant["name"]} | dict(zip(grid, point)) if "name" in variant else swept)
+            if label in seen:
+                raise UserError(f"{path}: runs {seen[label] + 1} and {len(sweep.runs) + 1} would both be named "
+                                f"'{label}'; make the variants differ or give them different names")
+            seen[label] = len(sweep.runs)
+            overrides = {**fixed, **values, **cli_overrides, "out_dir": str(sweep.dir / label)}
+            try:
+                cfg = apply_overrides(cfg0, overrides, where=f" in {path}")
+                if cfg.wandb_log:  # a sweep's runs share a wandb group; each is named after its folder
+                    cfg = dataclasses.replace(cfg, wandb_group=cfg.wandb_group or sweep.name,
+                                              wandb_run_name=cfg.wandb_run_name or f"{sweep.name}/{label}")
+                    overrides |= {"wandb_group": cfg.wandb_group, "wandb_run_name": cfg.wandb_run_name}
+                validate(cfg)
+            except UserError as e:
+                raise UserError(f"{path}: run {label}: {e}") from None
+            typed = {k: getattr(cfg, k) for k in overrides}
+            sweep.runs.append(Run(name=label, swept=swept, overrides=typed, cfg=cfg))
+    return sweep
+
+
+def prepare_hint(data_dir: str) -> str:
+    """The prepare.py command that writes `data_dir` (guessed from its name when it follows
+    prepare.py's default data/war_and_peace_<tokenizer>)."""
+    m = re.fullmatch(rf"war_and_peace_({'|'.join(KINDS)})(\d*)", Path(data_dir).name)
+    if not m:
+        return f"python prepare.py --tokenizer=KIND --input=YOUR_BOOK --out_dir={data_dir}"
+    cmd = f"python prepare.py --tokenizer={m[1]}"
+    if m[2] and m[1] == "bpe":
+        cmd += f" --vocab_size={m[2]}"
+    if Path(data_dir) != Path(f"data/war_and_peace_{m[1]}"):
+        cmd += f" --out_dir={data_dir}"
+    return cmd
+
+
+def missing_data(sweep: Sweep) -> list[str]:
+    """One message per data_dir that prepare.py has not written yet."""
+    users: dict[str, list[str]] = {}
+    for r in sweep.runs:
+        users.setdefault(r.cfg.data_dir, []).append(r.name)
+    return [f"no prepared data in {d} (runs {', '.join(names)}): run {prepare_hint(d)}"
+            for d, names in users.items() if not (Path(d) / "meta.json").is_file()]
+
+
+# ----------------------------------------------------------------------------- a run's state on disk
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a line cut short by a kill is skipped."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+    return records
+
+
+def finished_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary of a run that ended by itself (max_iters, max_minutes, early stop): not by a signal."""
+    summaries = [r for r in records if r.get("kind") == "summary"]
+    if summaries and summaries[-1].get("reason") != "signal":
+        return summaries[-1]
+    return None
+
+
+def run_state(out_dir: Path) -> str:
+    """finished (skip), interrupted (resume from ckpt.pt) or new (start from scratch)."""
+    if finished_summary(read_metrics(out_dir)):
+        return "finished"
+    if (out_dir / "ckpt.pt").is_file():
+        return "interrupted"
+    return "new"
+
+
+def config_changes(run: Run) -> list[str]:
+    """Keys whose value differs from the config a run already in its folder was trained with."""
+    path = run.out_dir / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return [f"{path} is unreadable"]
+    now = config_dict(run.cfg)
+    return [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in now.items()
+            if k not in NOT_COMPARED and saved.get(k) != v]
+
+
+def read_record(out_dir: Path) -> dict[str, Any]:
+    """sweep_run.json: what sweep.py saw of this run's attempts (status, error, wall time)."""
+    try:
+        return json.loads((out_dir / "sweep_run.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- running one training
+
+def command(run: Run, opts: SweepOptions, base: list[str], resume: bool) -> list[str]:
+    if opts.nproc_per_node > 0:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={opts.nproc_per_node}", str(TRAIN)]
+    else:
+        launcher = [sys.executable, str(TRAIN)]
+    args = [f"--{k}={_format_arg(v)}" for k, v in run.overrides.items()]
+    return launcher + base + args + [f"--init_from={'resume' if resume else 'scratch'}"]
+
+
+def _format_arg(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v)
+
+
+def _pump(stream: io.BufferedReader, log: io.BufferedWriter, echo: bool) -> None:
+    """Copy a run's output into its log (and here), chunk by chunk so tqdm's \\r lines pass through."""
+    while chunk := stream.read1(65536):
+        log.write(chunk)
+        log.flush()
+        if echo:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's process group (train.py saves ckpt.pt and exits; torchrun passes it on to its
+    workers); kill it if it has not gone after STOP_GRACE_S."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the save
+            continue
+
+
+def error_line(log_path: Path) -> str:
+    """The line that says why a run's last attempt failed: train.py's 'error: ...', else a traceback's
+    last line, else its last line."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "no log"
+    # the log holds every attempt; execute() starts each with "$ command"
+    tail = tail.rsplit("\n$ ", 1)[-1].split("\n", 1)[-1]
+    lines = [l.strip() for l in re.split(r"[\r\n]+", tail) if l.strip()]
+    for pattern in (r"^error: ", r"^[\w.]*(Error|Exception|Interrupt)\b"):
+        for line in reversed(lines):
+            if re.match(pattern, line):
+                return line.removeprefix("error: ")[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def execute(run: Run, sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
+    """Train one run to the end (or failure, timeout, interruption); returns and saves its record."""
+    resume = run_state(run.out_dir) == "interrupted"
+    cmd = command(run, opts, sweep.base, resume)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run.out_dir / "train.log"
+    record = read_record(run.out_dir)
+    record.update(name=run.name, attempts=record.get("attempts", 0) + 1, command=shlex.join(cmd), log=str(log_path))
+    timed_out = interrupted = False
+    t0 = time.time()
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n".encode())
+        log.flush()
+        # its own process group, so a timeout or Ctrl-C reaches torchrun's workers too, via _stop
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, opts.show_output), daemon=True)
+        pump.start()
+        try:
+            proc.wait(timeout=opts.timeout_minutes * 60 or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop(proc)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop(proc)
+        pump.join(timeout=30)
+    wall = time.time() - t0
+    state = run_state(run.out_dir)
+    if state == "finished":
+        status, error = "finished", ""
+    elif timed_out:
+        status, error = "timeout", f"stopped by --timeout_minutes={opts.timeout_minutes:g}; run the sweep again to resume"
+    elif interrupted or (proc.returncode == 0 and state == "interrupted"):
+        status, error = "interrupted", "interrupted; run the sweep again to resume"
+    else:
+        status = "failed"
+        error = error_line(log_path) if proc.returncode else "train.py exited without a summary in metrics.jsonl"
+    record.update(status=status, error=error, returncode=proc.returncode, resumed=resume,
+                  wall_s=round(record.get("wall_s", 0.0) + wall, 2),
+                  finished_at=datetime.now().isoformat(timespec="seconds"))
+    atomic_write_json(run.out_dir / "sweep_run.json", record)
+    if interrupted:
+        raise KeyboardInterrupt
+    return record
+
+
+# ----------------------------------------------------------------------------- results
+
+COLUMNS = ["best_val_bpb", "best_val_loss", "best_iter", "iters", "params", "tokens_per_s", "wall_s",
+           "status", "reason", "error", "out_dir"]
+STATUS_ORDER = {"finished": 0, "interrupted": 1, "timeout": 1, "failed": 2, "pending": 3}
+
+
+def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
+    """One results row from the run's files: its summary when finished, its eval lines otherwise."""
+    records = read_metrics(run.out_dir)
+    rec = read_record(run.out_dir)
+    row: dict[str, Any] = {"run": run.name}
+    for k in sweep.keys:
+        row[k] = run.swept["variant"] if k == "variant" else getattr(run.cfg, k)
+    summary = finished_summary(records)
+    evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))]
+    if summary:
+        seconds = summary.get("train_seconds") or 0.0
+        row.update(best_val_bpb=summary.get("best_val_bpb"), best_val_loss=summary.get("best_val_loss"),
+                   best_iter=summary.get("best_iter"), iters=summary.get("iter"), params=summary.get("params"),
+                   tokens_per_s=summary.get("tokens_seen", 0) / seconds if seconds else None,
+                   status="finished", reason=summary.get("reason"), error="")
+    else:
+        if evals:  # an unfinished run: the best it reached so far
+            best = min(evals, key=lambda r: r["val_loss"])
+            last = evals[-1]
+            row.update(best_val_bpb=best.get("val_bpb"), best_val_loss=best["val_loss"], best_iter=best["iter"],
+                       iters=max(r.get("iter", 0) for r in records),
+                       tokens_per_s=last["tokens_seen"] / last["time_s"] if last.get("time_s") else None)
+        status = rec.get("status") or ("interrupted" if (run.out_dir / "ckpt.pt").is_file() else "pending")
+        row.update(status=status if status != "finished" else "interrupted", error=rec.get("error", ""))
+    row["wall_s"] = rec.get("wall_s")
+    row["out_dir"] = str(run.out_dir)
+    return {**{k: None for k in ["run", *sweep.keys, *COLUMNS]}, **row}
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r: dict[str, Any]) -> tuple:
+        bpb = r["best_val_bpb"]
+        return STATUS_ORDER.get(r["status"], 3), bpb if isinstance(bpb, (int, float)) else math.inf
+    return sorted(rows, key=key)
+
+
+def _fmt_csv(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else str(v)
+    return "" if v is None else v
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt_csv(v) for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _duration(s: Any) -> str:
+    if not isinstance(s, (int, float)):
+        return ""
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _cell(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return _format_value(v).replace("|", "\\|")
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> None:
+    done = sum(r["status"] == "finished" for r in rows)
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"`{shlex.join(['python', 'sweep.py', str(sweep.path), *(f'--{k}={v}' for k, v in sweep.cli.items())])}`: "
+             f"{done} of {len(rows)} runs finished "
+             f"(updated {datetime.now().isoformat(sep=' ', timespec='seconds')}).",
+             f"Base: {', '.join(f'`{b}`' for b in sweep.base) or 'train.py defaults'}; fixed: "
+             + (", ".join(f"`{k}={_format_arg(v)}`" for k, v in sweep.fixed.items()) or "nothing")
+             + (f" (the command line overrides {', '.join(sweep.cli)})" if sweep.cli else "") + ".",
+             "Sorted by best validation bits per byte (lower is better); tok/s counts training steps only.", ""]
+    head = ["#", "run", *sweep.keys, "val bpb", "val loss", "best step", "steps", "params", "tok/s", "wall", "status"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows, 1):
+        status = r["status"] if r["status"] == "finished" else f"{r['status']}: {r['error']}".rstrip(": ")
+        cells = [str(i), f"`{r['run']}`", *(_format_value(r[k]).replace("|", "\\|") for k in sweep.keys),
+                 _cell(r["best_val_bpb"]),
+                 _cell(r["best_val_loss"]), _cell(r["best_iter"]), _cell(r["iters"]),
+                 f"{r['params'] / 1e6:.2f}M" if r["params"] else "",
+                 f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "", _duration(r["wall_s"]),
+                 status.replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> bool:
+    """val bpb against each swept key; runs that share the other swept values are joined by a line."""
+    done = [r for r in rows if r["status"] == "finished" and isinstance(r["best_val_bpb"], (int, float))]
+    if not done:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [r[key] for r in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        order = list(dict.fromkeys(values))
+        x_of = (lambda v: v) if numeric else (lambda v: order.index(v))
+        others = [k for k in keys if k != key]
+        series: dict[tuple, list[dict[str, Any]]] = {}
+        for r in done:
+            series.setdefault(tuple(r[k] for k in others), []).append(r)
+        for group, members in series.items():
+            members.sort(key=lambda r: x_of(r[key]))
+            label = ", ".join(f"{k}={_format_value(v)}" for k, v in zip(others, group)) or None
+            ax.plot([x_of(r[key]) for r in members], [r["best_val_bpb"] for r in members], "o-", label=label)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 4:  # rates are swept geometrically
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(order)), [_format_value(v) for v in order], rotation=20)
+        ax.set_xlabel(key)
+        ax.set_ylabel("best val bits per byte")
+        ax.grid(alpha=0.3)
+        if others and len(series) <= 10:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_results(sweep: Sweep) -> list[dict[str, Any]]:
+    """results.csv, results.md and val_bpb.png, each written atomically, from the runs' own files."""
+    rows = sort_rows([result_row(r, sweep) for r in sweep.runs])
+    write_csv(sweep.dir / "results.csv", rows)
+    write_markdown(sweep.dir / "results.md", rows, sweep)
+    write_plot(sweep.dir / "val_bpb.png", rows, sweep.keys)
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+def sweep_lock(sweep_dir: Path) -> io.TextIOWrapper:
+    """Hold an exclusive lock on the sweep's folder: two sweep.py processes would train the same runs.
+    The lock goes when the returned file is closed (or the process dies)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    f = open(sweep_dir / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another sweep.py is already running the sweep in {sweep_dir}; wait for it or stop it") from None
+    return f
+
+
+def parse_args(argv: list[str]) -> tuple[str, SweepOptions, dict[str, str]]:
+    """The sweep file, sweep.py's own options, and train.py keys that apply to every run."""
+    files, raw = split_argv(argv)
+    if len(files) != 1:
+        raise UserError("give one sweep file: python sweep.py config/sweeps/NAME.toml [--dry_run] [--key=value ...]")
+    option_keys = [f.name for f in dataclasses.fields(SweepOptions)]
+    train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
+    for k in raw:
+        if k not in option_keys and k not in train_keys:
+            raise _unknown(k, option_keys + train_keys, " on the command line")
+    opts = apply_overrides(SweepOptions(), {k: v for k, v in raw.items() if k in option_keys}, " on the command line")
+    if opts.nproc_per_node < 0 or opts.timeout_minutes < 0:
+        raise UserError("--nproc_per_node and --timeout_minutes must be 0 or more")
+    train_overrides = {k: v for k, v in raw.items() if k in train_keys}
+    _check(train_overrides, "the command line")
+    return files[0], opts, train_overrides
+
+
+def check_runnable(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> None:
+    """What load_sweep cannot see in the file alone: the launcher, and runs already on disk."""
+    for r in sweep.runs:
+        if opts.nproc_per_node > 1 and r.cfg.gradient_accumulation_steps % opts.nproc_per_node:
+            raise UserError(f"run {r.name}: gradient_accumulation_steps={r.cfg.gradient_accumulation_steps} must be "
+                            f"divisible by --nproc_per_node={opts.nproc_per_node}; set it in the sweep's [fixed]")
+    changed = [f"{r.out_dir} ({'; '.join(c)})" for r in sweep.runs
+               if states[r.name] != "new" and (c := config_changes(r))]
+    if changed:
+        raise UserError(f"runs already in {sweep.dir} were trained with another config: {', '.join(changed)}; "
+                        f"delete those folders to retrain them, or pass another --out_root")
+
+
+ACTIONS = {"finished": "finished, skip", "interrupted": "interrupted, resume from ckpt.pt", "new": "start"}
+
+
+def print_plan(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> None:
+    counts = {s: sum(v == s for v in states.values()) for s in ACTIONS}
+    print(f"sweep {sweep.name} ({sweep.path}): {len(sweep.runs)} runs in {sweep.dir}/ ({counts['finished']} finished, "
+          f"{counts['interrupted']} to resume, {counts['new']} to start)")
+    for i, r in enumerate(sweep.runs, 1):
+        print(f"  [{i}/{len(sweep.runs)}] {r.name}: {ACTIONS[states[r.name]]}")
+        if opts.dry_run:
+            print(f"      {shlex.join(command(r, opts, sweep.base, states[r.name] == 'interrupted'))}")
+
+
+def describe(row: dict[str, Any]) -> str:
+    head = f"{row['status']} in {_duration(row['wall_s'])}"
+    if row["status"] != "finished":
+        return f"{head}: {row['error']}"
+    tps = f", {row['tokens_per_s']:,.0f} tok/s" if row["tokens_per_s"] else ""
+    return (f"{head} ({row['reason']}): best val {row['best_val_bpb']:.4f} bpb (loss {row['best_val_loss']:.4f}) "
+            f"at step {row['best_iter']} of {row['iters']}{tps}")
+
+
+def run_sweep(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> int:
+    """Train every run that is not finished, one at a time; results are rewritten after each."""
+    print_plan(sweep, opts, states)
+    write_results(sweep)
+    n = len(sweep.runs)
+    try:
+        for i, run in enumerate(sweep.runs, 1):
+            if states[run.name] == "finished":
+                continue
+            verb = "resuming" if run_state(run.out_dir) == "interrupted" else "starting"
+            print(f"[{i}/{n}] {run.name}: {verb} (log: {run.out_dir / 'train.log'})", flush=True)
+            execute(run, sweep, opts)
+            print(f"[{i}/{n}] {run.name}: {describe(result_row(run, sweep))}", flush=True)
+            write_results(sweep)
+    except KeyboardInterrupt:
+        write_results(sweep)
+        print(f"sweep {sweep.name} interrupted; finished runs are kept and the running one saved ckpt.pt where it "
+              f"could. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    rows = write_results(sweep)
+    done = [r for r in rows if r["status"] == "finished"]
+    print(f"sweep {sweep.name}: {len(done)} of {n} runs finished" +
+          (f"; best {done[0]['run']} at {done[0]['best_val_bpb']:.4f} val bpb" if done else "") +
+          f"; results in {sweep.dir / 'results.md'}")
+    return 0 if len(done) == n else 1
+
+
+def main(argv: list[str]) -> int:
+    """Returns the exit status: 0 when every run finished, 1 when some failed, 130 when interrupted."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: python sweep.py config/sweeps/NAME.toml [--dry_run] [--option=value ...] [--train_key=value ...]")
+        print(format_help(SweepOptions, "sweep.py", __doc__).split("\n", 1)[1].rstrip())
+        print("  any train.py key (python train.py --help) applies to every run, e.g. --max_minutes=1")
+        return 0
+    path, opts, train_overrides = parse_args(argv)
+    sweep = load_sweep(path, train_overrides, opts.out_root)
+    if opts.dry_run:
+        states = {r.name: run_state(r.out_dir) for r in sweep.runs}
+        check_runnable(sweep, opts, states)
+        print_plan(sweep, opts, states)
+        for m in missing_data(sweep):
+            print(f"warning: {m}")
+        return 0
+    missing = missing_data(sweep)
+    if missing:
+        raise UserError("; ".join(missing))
+    lock = sweep_lock(sweep.dir)
+    try:
+        states = {r.name: run_state(r.out_dir) for r in sweep.runs}
+        check_runnable(sweep, opts, states)
+        return run_sweep(sweep, opts, states)
+    finally:
+        lock.close()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM stops the sweep like Ctrl-C
+    cli(lambda argv: sys.exit(main(argv)))
