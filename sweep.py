@@ -78,6 +78,7 @@ class Run:
     swept: dict[str, Any]  # swept key -> value as the sweep file gives it (variant name under "variant")
     overrides: dict[str, Any]  # everything sweep.py passes to train.py as --key=value, typed
     cfg: TrainConfig  # the full config the run trains with (validated)
+    variant: str = ""  # its variant's name, or a name made of the variant's values
 
     @property
     def out_dir(self) -> Path:
@@ -92,6 +93,7 @@ class Sweep:
     fixed: dict[str, Any]
     cli: dict[str, Any]  # train.py keys from the command line, for every run
     keys: list[str]  # swept keys, in column order
+    grid_keys: list[str] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
     dir: Path = Path()
 
@@ -207,7 +209,7 @@ def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | 
     keys = (["variant"] if any(named) else []) + variant_keys + list(grid)
 
     sweep = Sweep(name=path.stem, path=path, base=base, fixed=fixed, cli=cli_overrides, keys=keys,
-                  dir=Path(out_root) / path.stem)
+                  grid_keys=list(grid), dir=Path(out_root) / path.stem)
     seen: dict[str, int] = {}
     for variant in variants:
         for point in product(*grid.values()):
@@ -229,7 +231,8 @@ def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | 
             except UserError as e:
                 raise UserError(f"{path}: run {label}: {e}") from None
             typed = {k: getattr(cfg, k) for k in overrides}
-            sweep.runs.append(Run(name=label, swept=swept, overrides=typed, cfg=cfg))
+            vlabel = variant.get("name") or run_name({k: v for k, v in variant.items() if k != "name"})
+            sweep.runs.append(Run(name=label, swept=swept, overrides=typed, cfg=cfg, variant=vlabel if variant else ""))
     return sweep
 
 
@@ -521,10 +524,19 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> None
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> bool:
-    """val bpb against each swept key; runs that share the other swept values are joined by a line."""
+def plot_dimensions(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[list[dict[str, Any]], list[str]]:
+    """The finished rows (with their variant) and the axes to plot them on: the variant (its keys
+    move together, so it is one axis) and each grid key, where they take more than one value."""
     done = [r for r in rows if r["status"] == "finished" and isinstance(r["best_val_bpb"], (int, float))]
-    if not done:
+    variant_of = {run.name: run.variant for run in sweep.runs}
+    done = [{**r, "variant": variant_of[r["run"]]} for r in done]
+    return done, [k for k in ["variant", *sweep.grid_keys] if len({_format_value(r[k]) for r in done}) > 1]
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> bool:
+    """val bpb against each swept dimension; runs that share the other dimensions' values are joined by a line."""
+    done, keys = plot_dimensions(rows, sweep)
+    if not keys:
         return False
     import matplotlib
     matplotlib.use("Agg")
@@ -566,7 +578,7 @@ def write_results(sweep: Sweep) -> list[dict[str, Any]]:
     rows = sort_rows([result_row(r, sweep) for r in sweep.runs])
     write_csv(sweep.dir / "results.csv", rows)
     write_markdown(sweep.dir / "results.md", rows, sweep)
-    write_plot(sweep.dir / "val_bpb.png", rows, sweep.keys)
+    write_plot(sweep.dir / "val_bpb.png", rows, sweep)
     return rows
 
 

@@ -95,6 +95,18 @@ def test_runs_share_a_wandb_group_when_logging(tmp_path: Path) -> None:
     assert quiet.cfg.wandb_group == "" and "wandb_group" not in quiet.overrides
 
 
+def test_plot_axes_are_the_variant_and_the_grid_keys(tmp_path: Path, base_toml: Path) -> None:
+    f = write_sweep(tmp_path / "s.toml", [base_toml], grid={"learning_rate": [1e-3, 2e-3], "seed": [1]},
+                    variants=[{"n_layer": 2, "n_embd": 16}, {"n_layer": 6}])
+    sw = S.load_sweep(f, {}, tmp_path)
+    assert [r.variant for r in sw.runs] == ["layer2_embd16", "layer2_embd16", "layer6", "layer6"]
+    rows = [{"run": r.name, "status": "finished", "best_val_bpb": 2.0 + i, **r.swept} for i, r in enumerate(sw.runs)]
+    rows[3]["status"] = "failed"
+    done, axes = S.plot_dimensions(rows, sw)
+    assert len(done) == 3 and axes == ["variant", "learning_rate"]  # seed has one value: no axis
+    assert S.write_plot(tmp_path / "p.png", rows, sw) and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_unnamed_variants_are_named_by_their_values(tmp_path: Path) -> None:
     f = write_sweep(tmp_path / "t.toml", variants=[{"data_dir": "data/war_and_peace_char", "block_size": 256},
                                                     {"data_dir": "data/war_and_peace_bpe", "mlp": "swiglu"}])
