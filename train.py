@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, unwrap
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig
+from tokenizer import read_meta
 
 
 @dataclass
@@ -179,16 +180,9 @@ class Batches:
         return xy[:, :-1], xy[:, 1:]
 
 
-def read_meta(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "meta.json"
-    if not path.is_file():
-        raise UserError(f"no prepared data in {data_dir} (meta.json missing): run python prepare.py first, "
-                        f"or pass --data_dir=the folder it wrote")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["vocab_size"], meta["dtype"], meta["splits"]  # noqa: B018 - the keys every stage needs
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); run prepare.py again") from None
+def read_data_meta(data_dir: Path) -> dict[str, Any]:
+    """meta.json of a prepared folder (tokenizer.read_meta checks it), and the bins training needs."""
+    meta = read_meta(data_dir)
     for split in ("train", "val"):
         if not (data_dir / f"{split}.bin").is_file():
             raise UserError(f"{data_dir / (split + '.bin')} is missing; run prepare.py again")
@@ -472,7 +466,7 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
         torch.backends.cudnn.allow_tf32 = True
 
     out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-    meta = read_meta(data_dir)
+    meta = read_data_meta(data_dir)
     batches = {s: Batches(data_dir, s, meta["dtype"], cfg.block_size, cfg.batch_size, device) for s in ("train", "val")}
     if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
         check_writable(out_dir)

@@ -41,6 +41,8 @@ def gpt2_dir(shared_dir: Path) -> Path:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the internet: GPT-2 loads from ../shared, and sockets may only reach this machine."""
     monkeypatch.setenv("BOOKGPT_GPT2_DIR", str(SHARED / "tokenizers" / "gpt2"))
+    # subprocesses (train.py, sample.py, torchrun) run tiny models: one thread each is fastest
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     local = {None, "", "localhost", "127.0.0.1", "::1", socket.gethostname()}
     real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
@@ -76,5 +78,6 @@ def tiny_train_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     """Command-line arguments for a seconds-long train.py run of a tiny model."""
     args = {"data_dir": data_dir, "out_dir": out_dir, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
             "batch_size": 4, "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 1,
-            "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0, **overrides}
+            "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0,
+            "threads": 1, **overrides}  # one thread: tiny matmuls only lose time to threading
     return [f"--{k}={v}" for k, v in args.items()]
