@@ -56,6 +56,7 @@ class EvalConfig:
     batch_size: int = opt(16, "windows per forward pass")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy machine)")
     baselines: bool = opt(True, "compute (or read cached) n-gram and compressor baselines")
     ngram_order: int = opt(8, "highest Kneser-Ney n-gram order (2..8)")
     num_prompts: int = opt(8, "held-out prompts to continue for the memorisation/style checks (0 = skip)")
@@ -737,6 +738,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(cfg.out_dir)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, info = load_for_inference(out_dir, cfg.ckpt, device)
