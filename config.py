@@ -93,24 +93,30 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown(key: str, valid: Sequence[str], where: str) -> UserError:
+def unknown_key(key: str, valid: Sequence[str], where: str) -> UserError:
+    """The error for a key that is not valid here, naming the closest valid ones."""
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
     return UserError(f"unknown config key '{key}'{where}; {hint}")
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML config file; tables are rejected so every key stays visible."""
+def load_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file (data, never code) or raise a UserError naming it."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file not found: {p}")
+        raise UserError(f"{what} not found: {p}")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot parse config file {p}: {e}") from None
+        raise UserError(f"cannot parse {what} {p}: {e}") from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML config file; tables are rejected so every key stays visible."""
+    data = load_toml(path)
     for k, v in data.items():
         if isinstance(v, dict):
-            raise UserError(f"config file {p}: table [{k}] is not supported, write flat 'key = value' lines")
+            raise UserError(f"config file {path}: table [{k}] is not supported, write flat 'key = value' lines")
     return data
 
 
@@ -120,7 +126,7 @@ def apply_overrides(cfg: T, values: dict[str, Any], where: str = "") -> T:
     out = {}
     for k, v in values.items():
         if k not in types:
-            raise _unknown(k, list(types), where)
+            raise unknown_key(k, list(types), where)
         out[k] = coerce(k, v, types[k])
     return dataclasses.replace(cfg, **out)
 

@@ -39,14 +39,13 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-from config import (UserError, _unknown, apply_overrides, atomic_write_bytes, atomic_write_json, cli,
+from config import (UserError, apply_overrides, atomic_write_bytes, atomic_write_json, cli, load_toml, unknown_key,
                     config_dict, format_help, opt, read_toml, split_argv)
 from tokenizer import KINDS
 from train import TrainConfig, validate
@@ -140,18 +139,13 @@ def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | 
     """Parse and validate a sweep file into its runs; every error a user can cause is a UserError,
     raised before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot parse sweep file {path}: {e}") from None
+    data = load_toml(path, "sweep file")
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     for k in data:
         if k in train_keys:
             raise UserError(f"{path}: '{k}' is a train.py key; put it under [fixed] (or [grid]) in the sweep file")
         if k not in RESERVED:
-            raise _unknown(k, RESERVED, f" in sweep file {path} (its top-level keys are {', '.join(RESERVED)})")
+            raise unknown_key(k, RESERVED, f" in sweep file {path} (its top-level keys are {', '.join(RESERVED)})")
 
     base = data.get("base", [])
     if isinstance(base, str):
@@ -606,7 +600,7 @@ def parse_args(argv: list[str]) -> tuple[str, SweepOptions, dict[str, str]]:
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
     for k in raw:
         if k not in option_keys and k not in train_keys:
-            raise _unknown(k, option_keys + train_keys, " on the command line")
+            raise unknown_key(k, option_keys + train_keys, " on the command line")
     opts = apply_overrides(SweepOptions(), {k: v for k, v in raw.items() if k in option_keys}, " on the command line")
     if opts.nproc_per_node < 0 or opts.timeout_minutes < 0:
         raise UserError("--nproc_per_node and --timeout_minutes must be 0 or more")
