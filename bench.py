@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig
 from sample import SampleConfig
-from train import Batches, TrainConfig, autocast, make_optimizers, read_meta, resolve_device, resolve_dtype, validate
+from tokenizer import read_meta
+from train import Batches, TrainConfig, autocast, make_optimizers, resolve_device, resolve_dtype, validate
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (GeForce cards: with fp32
 # accumulation, which is what bf16 autocast uses). Checked in order, so "H100 PCIe" before "H100".
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("L40S", 362.0), ("L4", 121.0))
+# substrings of the aten op names of SDPA's backends (forward and backward), as the profiler shows them
+SDPA_OPS = (("flash_attention", "flash"), ("efficient_attention", "efficient"), ("cudnn_attention", "cudnn"),
+            ("attention_math", "math"))
 CHAR_VOCAB = 104  # War and Peace's distinct characters: the vocabulary when no prepared data is found
 
 
@@ -167,23 +172,20 @@ class TrainRun:
         return sdpa_kernel([SDPBackend.MATH]) if self.plain else contextlib.nullcontext()
 
     def attention_backend(self) -> str:
-        """The fastest SDPA kernel that runs this model's attention (forward and backward), found by
-        allowing one backend at a time: "flash" means the flash kernel ran, nothing else was allowed."""
-        if self.plain:
-            return "math"
-        x, y = self.batches[0]
-        x, y = x[:1], y[:1]
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            try:
-                with sdpa_kernel([backend]), self.ctx:
-                    _, loss = self.model(x, y)
-                loss.backward()
-                return backend.name.lower().removesuffix("_attention")
-            except RuntimeError:
-                continue
-            finally:
-                self.model.zero_grad(set_to_none=True)
-        return "math"
+        """The attention kernel this configuration runs (eager), read from the profiler's op names of
+        one forward and backward: SDPA's flash, efficient, cudnn or math backend, or "explicit"
+        (no SDPA op: model.py's own softmax(QK^T)V, which it uses for bf16 on a CPU)."""
+        from torch.profiler import ProfilerActivity, profile
+        x, y = (t[:1] for t in self.batches[0])
+        with warnings.catch_warnings(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            warnings.simplefilter("ignore")  # SDPA explains each backend it skips; the op names say it all
+            with self.kernels(), self.ctx:
+                _, loss = self.model(x, y)
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        names = {e.key for e in prof.key_averages()}
+        found = [label for key, label in SDPA_OPS if any(key in n for n in names)]
+        return "+".join(found) if found else "explicit"
 
     def step(self) -> float:
         """One training step (all micro-batches, clip, optimizer); returns its loss."""
@@ -412,6 +414,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # silence the profiler's start/stop log lines
     cfg = parse_config(BenchConfig, argv, prog="bench.py", doc=__doc__.split("\n\n")[0])
     res = run(cfg)
     if cfg.sample_tokens and not res["sampling"]["identical"]:  # a cache that changes the output is a bug

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import GPT, GPTConfig, apply_rope, rope_tables, sample_next
+from model import GPT, GPTConfig, apply_rope, dropout, explicit_causal_attention, rope_tables, sample_next
 
 VARIANTS = {
     "gpt2": {},
@@ -137,3 +138,47 @@ def test_bad_config_values_are_rejected() -> None:
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="mlp"):
         GPTConfig(mlp="tanh")
+
+
+def test_explicit_attention_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The explicit attention that bf16 on a CPU uses is SDPA's causal attention (values and gradients),
+    and a bf16 model forward on CPU takes it and stays close to the float32 one."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    ours = explicit_causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # attention dropout: with v = 1 every output is its row's sum of kept, rescaled weights (1 on average)
+    dropped = explicit_causal_attention(q.detach(), k.detach(), torch.ones(2, 3, 10, 8), dropout_p=0.5)
+    assert not torch.allclose(dropped, torch.ones_like(dropped)) and dropped.mean().item() == pytest.approx(1.0, abs=0.2)
+
+    model = tiny()
+    idx, targets = torch.randint(0, 37, (2, 3, 16))
+    _, loss32 = model(idx, targets)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("bf16 training on a CPU should not call SDPA")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = model(idx, targets)
+    assert loss16.item() == pytest.approx(loss32.item(), abs=0.02)
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
+    """model.dropout's CPU mask (four 16-bit uniforms per 64-bit draw) behaves as F.dropout's."""
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.2)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.005)
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1.25))  # kept values scaled by 1/(1-p)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.2), y)  # the global seed fixes the mask (resume relies on it)
+    bf = dropout(torch.ones(4, 5, 6, dtype=torch.bfloat16), 0.5)
+    assert bf.dtype == torch.bfloat16 and set(bf.unique().tolist()) <= {0.0, 2.0}
+    assert torch.equal(dropout(x, 0.2, training=False), x) and torch.equal(dropout(x, 0.0), x)
