@@ -97,14 +97,15 @@ class Dropout(nn.Dropout):
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd), causal) v with the (T, T) scores written out. For bf16 on a CPU this
-    is ~2.5x faster (forward + backward, T=256) than SDPA's CPU kernels (which compute in float32),
-    and attention dropout keeps it on this path instead of SDPA's slower math fallback. (The CPU
-    softmax accumulates bf16 in float32: the same probabilities as upcasting first, in half the time.)"""
-    T = q.size(-2)
-    att = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return dropout(att, dropout_p) @ v
+    is 2x faster (forward + backward, T=256) than SDPA's CPU flash kernel, and 3x faster than the math
+    path SDPA falls back to with dropout. (The CPU softmax accumulates bf16 in float32: the same
+    probabilities as upcasting first, in half the time.)"""
+    B, nh, T, hd = q.shape
+    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # 0 up to the diagonal
+    # mask and scale inside the product: no extra passes over the (T, T) scores
+    att = torch.baddbmm(future, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)
+    att = dropout(att.softmax(dim=-1), dropout_p)
+    return (att @ v.flatten(0, 1)).view(B, nh, T, hd)
 
 
 # ----------------------------------------------------------------------------- blocks
