@@ -432,7 +432,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     lost = False
     try:
         with StopFlag() as stop:
-            return _train(cfg, device, d, stop)
+            summary = _train(cfg, device, d, stop)
+        if d.world > 1:  # all ranks finish together: a rank tearing gloo down while rank 0 still saves can abort
+            dist.barrier()
+        return summary
     except RuntimeError as e:  # gloo and NCCL report a dead or hung peer as a RuntimeError
         lost = d.world > 1 and (isinstance(e, dist.DistError) or any(
             s in str(e) for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")))

@@ -157,8 +157,9 @@ def test_bad_sweep_files_fail_before_anything_runs(text: str, message: str, hint
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_errors(tmp_path: Path, base_toml: Path) -> None:
-    f = write_sweep(tmp_path / "s.toml", [base_toml], grid={"seed": [1, 2]})
+def test_command_line_errors(tmp_path: Path, base_toml: Path, tiny_char_data: Path) -> None:
+    # real data, so the data check passes and each error below is the one that fires (as on a clean clone)
+    f = write_sweep(tmp_path / "s.toml", [base_toml], fixed={"data_dir": str(tiny_char_data)}, grid={"seed": [1, 2]})
     for argv, message in [([str(f), "--dryrun"], "did you mean dry_run"), ([], "give one sweep file"),
                           ([str(f), "--seed=3"], "--seed on the command line would override a swept key"),
                           ([str(f), "--n_layer=x"], "bad value for 'n_layer'"),
