@@ -15,22 +15,20 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, unwrap
+from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig
 from tokenizer import read_meta
@@ -584,7 +582,7 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
         it = state["iter_num"]
         if it >= cfg.max_iters:
             break
-        t0 = time.time()
+        t0 = time.perf_counter()
         progress = it / decay_iters
         if cfg.max_minutes > 0:
             progress = max(progress, state["train_seconds"] / 60 / cfg.max_minutes)
@@ -622,7 +620,7 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
                             f"kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
         state["iter_num"] = it + 1
         state["tokens_seen"] += tokens_per_iter
-        state["train_seconds"] += time.time() - t0
+        state["train_seconds"] += time.perf_counter() - t0
         bar.update(1)
         if d.master and (it + 1) % cfg.log_interval == 0:
             tps = (state["tokens_seen"] - tokens_last) / max(state["train_seconds"] - seconds_last, 1e-9)

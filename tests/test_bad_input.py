@@ -293,7 +293,6 @@ def test_prepare_more_bad_files(error_line, tmp_path: Path, content, message: st
 def local_server() -> Iterator[str]:
     """http://127.0.0.1:PORT: /silent accepts the connection and never answers, anything else is a 404."""
     import http.server
-    import socket
     import threading
 
     class NotFound(http.server.BaseHTTPRequestHandler):
