@@ -14,7 +14,6 @@ loaded with torch.load(weights_only=True), which refuses to run code from a pick
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
 import re
 import warnings
@@ -137,12 +136,3 @@ def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "
     info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}
     info.update(meta=meta, path=str(path), tokenizer=tokenizer_from_meta(meta, out_dir))
     return model, info
-
-
-def read_json(path: str | Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
