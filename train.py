@@ -101,10 +101,13 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, key) not in allowed:
             raise UserError(f"bad value for '{key}': {getattr(cfg, key)!r}; use one of {', '.join(allowed)}")
     positive = ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-                "eval_interval", "eval_iters", "log_interval")
+                "eval_interval", "eval_iters", "log_interval", "max_iters")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"'{key}' must be positive, got {getattr(cfg, key)}")
+    for key in ("max_minutes", "warmup_iters", "lr_decay_iters", "early_stop_patience"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"'{key}' must be 0 or more, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:

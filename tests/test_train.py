@@ -152,6 +152,17 @@ def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> No
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("max_iters", 0, "'max_iters' must be positive, got 0"),
+    ("max_minutes", -1.0, "'max_minutes' must be 0 or more, got -1.0"),
+    ("early_stop_patience", -2, "'early_stop_patience' must be 0 or more, got -2"),
+])
+def test_budget_keys_are_checked_before_training(key: str, value, message: str) -> None:
+    cfg = parse_config(TrainConfig, [f"--{key}={value}"])
+    with pytest.raises(train_mod.UserError, match=message.replace("(", r"\(")):
+        train_mod.validate(cfg)
+
+
 def test_invalid_values_are_one_clear_error_line(tiny_char_data: Path, tmp_path: Path) -> None:
     args = tiny_train_args(tiny_char_data, tmp_path / "x")
     r = subprocess.run([sys.executable, "train.py", *args, "--batch_size=0"], cwd=ROOT, capture_output=True, text=True)
