@@ -80,7 +80,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout with a faster mask on CPUs. torch draws a CPU mask one element at a time, 64 random
     bits each (its parallel Bernoulli is for Intel CPUs only): on an AMD CPU that was 40% of a bf16
     training step. Here each 64-bit draw gives four 16-bit uniforms (p is kept to 1/65536)."""
-    if not training or not 0 < p < 1 or x.device.type != "cpu":
+    if not training or p == 0:
+        return x  # (F.dropout would too, one dispatch later: this runs twice per block per sampled token)
+    if not 0 < p < 1 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
@@ -111,13 +113,13 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # ----------------------------------------------------------------------------- blocks
 
 class KVCache:
-    """Preallocated keys and values of every layer for one generation: (B, nh, block_size, hd)."""
+    """Preallocated keys and values of every layer for one generation: kv[layer] is
+    (2, B, nh, block_size, hd), keys then values, so one copy writes both."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch, n_head, length, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        shape = (2, batch, n_head, length, head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0  # number of positions filled
 
 
@@ -131,28 +133,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
-        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
-        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
+        q, k, v = qkv.unbind(0)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             causal = True
         else:
-            # Write this step's keys/values, then attend over everything cached so far.
+            # Write this step's keys and values (one copy), then attend over everything cached so far.
             start, end = cache.pos, cache.pos + T
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
             if start and T > 1:
                 raise ValueError("a KV cache prefill must start at position 0")
+            kv = cache.kv[layer]
+            kv[:, :, :, start:end] = qkv[1:] if rope is None and not self.qk_norm else torch.stack((k, v))
+            k, v = kv[:, :, :, :end].unbind(0)
+            causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
         dropout_p = self.dropout if self.training else 0.0
         if cache is None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             y = explicit_causal_attention(q, k, v, dropout_p)  # faster on CPUs, see docs/benchmarks.md
