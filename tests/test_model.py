@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, apply_rope, dropout, explicit_causal_attention, rope_tables, sample_next
+from model import GPT, GPTConfig, Linear, apply_rope, dropout, explicit_causal_attention, rope_tables, sample_next
 
 VARIANTS = {
     "gpt2": {},
@@ -56,6 +56,35 @@ def test_cached_logits_match_full_forward() -> None:
     steps = [model(seq[:, i:i + 1], cache=cache)[0] for i in range(7, 12)]
     stepped = torch.cat([first] + steps, dim=1)
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_layout_gives_the_same_products_and_is_dropped_after() -> None:
+    model = tiny(bias=True)
+    seq = torch.randint(0, 37, (2, 9))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    with torch.no_grad():
+        plain, _ = model(seq)
+        with model.sampling_weights():
+            assert all(m.weight_t is not None and m.weight_t.shape == m.weight.T.shape for m in linears)
+            laid_out, _ = model(seq)
+            with torch.autocast("cpu", torch.bfloat16):
+                low, _ = model(seq)
+            lin = model.blocks[0].mlp.c_fc
+            lin.weight.add_(1.0)  # a changed weight: its stale copy must not be used
+            x = torch.randn(3, 32)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    torch.testing.assert_close(laid_out, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low.float(), plain, rtol=0.05, atol=0.05)
+    assert all(m.weight_t is None for m in linears)
+    # under autocast the copies are made in its dtype, so no step casts the weights again
+    with torch.autocast("cpu", torch.bfloat16), model.sampling_weights():
+        assert {m.weight_t.dtype for m in linears} == {torch.bfloat16}
+    # a generation abandoned part-way drops the copies too
+    stream = model.generate_stream(seq, 10, generator=torch.Generator().manual_seed(0))
+    next(stream)
+    assert linears[0].weight_t is not None
+    stream.close()
+    assert all(m.weight_t is None for m in linears)
 
 
 def test_prompt_longer_than_block_is_cropped() -> None:
