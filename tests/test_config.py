@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError, atomic_write_bytes, parse_config, split_argv
-from train import TrainConfig
+from config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
+from model import GPTConfig
+from train import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,9 +85,11 @@ def test_help_lists_every_key() -> None:
         assert key in r.stdout
 
 
-def test_presets_parse() -> None:
+def test_presets_parse_and_build() -> None:
     for preset in sorted((ROOT / "config").glob("*.toml")):
-        parse_config(TrainConfig, [str(preset)])
+        cfg = parse_config(TrainConfig, [str(preset)])
+        validate(cfg)
+        GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 104})  # the model's own checks
 
 
 def test_split_argv_and_atomic_write(tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def test_shipped_sweeps_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     tok = S.load_sweep(ROOT / "config/sweeps/tokenizers.toml", {}, tmp_path)
     assert [r.cfg.data_dir for r in tok.runs] == ["data/war_and_peace_char", "data/war_and_peace_byte",
                                                   "data/war_and_peace_bpe1024", "data/war_and_peace_bpe"]
+    for path in sorted((ROOT / "config/sweeps").glob("*.toml")):  # every shipped sweep: each run's config is valid
+        assert S.load_sweep(path, {}, tmp_path).runs, path
 
 
 # ----------------------------------------------------------------------------- bad sweep files
