@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# Under bf16 autocast QK-norm normalises bf16 queries and keys with float32 gains: torch computes that
+# unfused (correctly) and warns once per process that its fused kernel wants one dtype. Not news to a user.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
 @dataclass
