@@ -120,8 +120,8 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class Linear(nn.Linear):
     """nn.Linear with a faster layout for sampling. While GPT.generate_stream runs, `weight_t` holds
     the weight transposed to (in, out), contiguous, in the autocast dtype if one is on: a sampled
-    token is one row times every matrix, and on a CPU x @ W(in, out) streams the weights about 1.5x
-    faster than x @ W.T from the (out, in) layout (docs/benchmarks.md). It is used only while the
+    token is one row times every matrix, and on a CPU x @ W(in, out) streams the weights faster than
+    x @ W.T from the (out, in) layout (docs/benchmarks.md, "Sampling"). It is used only while the
     weight is unchanged since the copy (its version counter) and the dtypes fit; training never sets it."""
 
     weight_t: torch.Tensor | None = None
