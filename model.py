@@ -202,7 +202,7 @@ class MLP(nn.Module):
             hidden = 8 * math.ceil(2 * hidden / 3 / 8)
             self.c_gate = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual = True
         self.dropout = Dropout(config.dropout)
 
