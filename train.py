@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
     muon_lr: float = opt(0.02, "Muon learning rate (optimizer=muon)")
     muon_momentum: float = opt(0.95, "Muon momentum")
+    muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     # schedule and budget
     lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
@@ -216,8 +217,14 @@ class Muon(torch.optim.Optimizer):
     """Momentum SGD whose update for each 2D weight is orthogonalised (Newton-Schulz).
     Only for hidden matrices; embeddings, the head and gains stay with AdamW."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov))
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+
+    def __setstate__(self, state: dict) -> None:  # load_state_dict goes through here
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before weight decay existed had none
+            group.setdefault("weight_decay", 0.0)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -229,6 +236,7 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)
                 g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 update = zeropower_via_newtonschulz5(g)
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as AdamW's: shrink, then step
                 p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
@@ -246,7 +254,8 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.opt
                               lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if cfg.optimizer == "adamw":
         return [adamw]
-    return [adamw, Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum)]
+    return [adamw, Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                         weight_decay=cfg.muon_weight_decay)]
 
 
 def lr_factor(cfg: TrainConfig, it: int, progress: float) -> float:

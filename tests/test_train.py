@@ -15,7 +15,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from train import TrainConfig, lr_factor, train, zeropower_via_newtonschulz5
+from train import Muon, TrainConfig, lr_factor, train, zeropower_via_newtonschulz5
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,29 @@ def test_newton_schulz_orthogonalises() -> None:
         # Muon's quintic iteration maps singular values into roughly [0.7, 1.2], not exactly 1
         assert s.min() > 0.5 and s.max() < 1.3, s
 
+
+
+def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
+    torch.manual_seed(0)
+    w0, grad = torch.randn(16, 8), torch.randn(16, 8)
+    after = {}
+    for wd in (0.0, 0.5):
+        p = torch.nn.Parameter(w0.clone())
+        p.grad = grad.clone()
+        Muon([p], lr=0.1, weight_decay=wd).step()
+        after[wd] = p.detach()
+    # the same orthogonalised step, plus a shrink of lr * wd = 5% of the weight before it
+    assert torch.allclose(after[0.5] - after[0.0], -0.05 * w0, atol=1e-6)
+    assert not torch.equal(after[0.0], w0)
+    # a state saved before the option existed has no weight_decay in its groups: it loads as 0
+    p = torch.nn.Parameter(w0.clone())
+    opt = Muon([p], lr=0.1, weight_decay=0.3)
+    state = opt.state_dict()
+    del state["param_groups"][0]["weight_decay"]
+    opt.load_state_dict(state)
+    p.grad = grad.clone()
+    opt.step()
+    assert torch.allclose(p.detach(), after[0.0], atol=1e-6)
 
 def test_compiled_model_saves_plain_keys(tmp_path: Path) -> None:
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
