@@ -236,7 +236,8 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)
                 g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 update = zeropower_via_newtonschulz5(g)
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as AdamW's: shrink, then step
+                if group["weight_decay"]:  # decoupled, as AdamW's: shrink, then step
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 

@@ -120,7 +120,6 @@ def test_newton_schulz_orthogonalises() -> None:
         assert s.min() > 0.5 and s.max() < 1.3, s
 
 
-
 def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
     torch.manual_seed(0)
     w0, grad = torch.randn(16, 8), torch.randn(16, 8)
@@ -142,6 +141,7 @@ def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
     p.grad = grad.clone()
     opt.step()
     assert torch.allclose(p.detach(), after[0.0], atol=1e-6)
+
 
 def test_compiled_model_saves_plain_keys(tmp_path: Path) -> None:
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
