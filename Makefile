@@ -6,7 +6,7 @@ PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
 .PHONY: install dev test demo clean
 
-RUN ?= out/wp_char_cpu
+RUN ?= out/wp_bpe_cpu
 
 install:
 	$(PY) -c "import torch, numpy, tiktoken, rustbpe, requests, tqdm, matplotlib" 2>/dev/null \
@@ -19,11 +19,12 @@ dev: install
 test: dev
 	$(PY) -m pytest -q tests
 
-# prepare the book, train the 2-core CPU preset (~10 min), evaluate it, and write three samples
+# prepare the book (a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
+# evaluate it, and write three samples
 demo: install
-	$(PY) prepare.py --tokenizer=char $(PREPARE_INPUT) \
+	$(PY) prepare.py --tokenizer=bpe --vocab_size=2048 --out_dir=data/war_and_peace_bpe2048 $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
-	$(PY) train.py config/wp_char_cpu.toml --out_dir=$(RUN)
+	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN)
 	$(PY) evaluate.py --out_dir=$(RUN)
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"

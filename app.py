@@ -1,7 +1,7 @@
 """A Gradio page to generate text from a trained run, streamed token by token.
 
     pip install -r requirements-app.txt
-    python app.py --out_dir=out/wp_char_cpu [--host=127.0.0.1] [--port=7860]
+    python app.py --out_dir=out/wp_bpe_cpu [--host=127.0.0.1] [--port=7860]
 
 The page offers every run found under --runs_dir (any folder with best.pt or ckpt.pt), shows its
 facts (parameters, tokenizer, held-out bits per byte), and samples with sample.py's own code.
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from checkpoint import FILES, checkpoint_path, load_for_inference
 from config import UserError, cli, opt, parse_config
-from sample import MAX_NEW_TOKENS, check_sampling, encode_prompt, stream_text
+from sample import DEFAULT_RUN, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
 from train import resolve_device, resolve_dtype
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
@@ -33,7 +33,7 @@ EXAMPLES = ["Well, Prince, so Genoa and Lucca are now just family estates of the
 
 @dataclass
 class AppConfig:
-    out_dir: str = opt("out/wp_char_cpu", "run shown first (a directory written by train.py)")
+    out_dir: str = opt(DEFAULT_RUN, "run shown first (a directory written by train.py)")
     runs_dir: str = opt("out", "other runs offered on the page: folders under here with best.pt or ckpt.pt")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 to share on the network)")
@@ -162,9 +162,9 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
             with gr.Column(scale=1):
                 length = gr.Slider(1, cfg.max_tokens_limit, value=min(cfg.max_new_tokens, cfg.max_tokens_limit),
                                    step=1, label="Max new tokens")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
-                top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p (1 = off)")
+                temperature = gr.Slider(0, 2, value=TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=TOP_K, step=1, label="Top-k (0 = off)")
+                top_p = gr.Slider(0.05, 1, value=TOP_P, step=0.01, label="Top-p (1 = off)")
                 seed = gr.Number(1, precision=0, label="Seed (the same seed gives the same text)")
         output = gr.Textbox(label="Generated text", lines=16, max_lines=40, interactive=False, autoscroll=True,
                             elem_id="output")

@@ -1,6 +1,6 @@
 """Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, curves.
 
-    python evaluate.py --out_dir=out/wp_char_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N]
+    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N]
 
 1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
    perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from checkpoint import load_for_inference
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from tokenizer import read_meta
-from sample import check_sampling
+from sample import DEFAULT_RUN, TEMPERATURE, TOP_K, TOP_P, check_sampling
 from train import autocast, resolve_device, resolve_dtype
 
 LN2 = math.log(2)
@@ -48,7 +48,7 @@ LN2 = math.log(2)
 
 @dataclass
 class EvalConfig:
-    out_dir: str = opt("out/wp_char_cpu", "run directory written by train.py")
+    out_dir: str = opt(DEFAULT_RUN, "run directory written by train.py")
     split: str = opt("val", "val or test (test needs prepare.py --test_fraction > 0)")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
@@ -62,9 +62,9 @@ class EvalConfig:
     num_prompts: int = opt(8, "held-out prompts to continue for the memorisation/style checks (0 = skip)")
     prompt_chars: int = opt(200, "characters per prompt")
     gen_tokens: int = opt(500, "tokens generated per prompt")
-    temperature: float = opt(0.8, "sampling temperature (sample.py's default)")
-    top_k: int = opt(50, "top-k sampling, 0 = off (sample.py's default)")
-    top_p: float = opt(0.95, "nucleus sampling, 1 = off (sample.py's default)")
+    temperature: float = opt(TEMPERATURE, "sampling temperature (sample.py's default)")
+    top_k: int = opt(TOP_K, "top-k sampling, 0 = off (sample.py's default)")
+    top_p: float = opt(TOP_P, "nucleus sampling, 1 = off (sample.py's default)")
     seed: int = opt(1, "seed for prompt positions and sampling")
 
 

@@ -1,7 +1,7 @@
 """Generate text from a trained run, streamed to the terminal as it is written.
 
-    python sample.py --out_dir=out/wp_char_cpu --prompt="Prince Andrew" --num_samples=3
-    python sample.py --out_dir=out/wp_char_cpu --prompt_file=prompt.txt --temperature=0
+    python sample.py --out_dir=out/wp_bpe_cpu --prompt="Prince Andrew" --num_samples=3
+    python sample.py --out_dir=out/wp_bpe_cpu --prompt_file=prompt.txt --temperature=0
 
 temperature=0 is greedy decoding (always the most likely token); top_k=0 and top_p=1 are off.
 """
@@ -21,19 +21,26 @@ from model import GPT
 from train import autocast, resolve_device, resolve_dtype
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
+DEFAULT_RUN = "out/wp_bpe_cpu"  # where `make demo` trains config/wp_bpe_cpu.toml
+# The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: temperature
+# 0.9, no top-k or top-p truncation. On the BPE-2048 preset this copies training text at the real
+# text's rate and misspells as often as the book does; top-k 50 / top-p 0.95 make it copy 2-3x more
+# (docs/results.md, "memorisation against sampling settings"). A char model reads better truncated:
+# --temperature=0.8 --top_k=50 --top_p=0.95.
+TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = opt("out/wp_char_cpu", "run directory written by train.py")
+    out_dir: str = opt(DEFAULT_RUN, "run directory written by train.py")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     prompt: str = opt("\n", "text to continue")
     prompt_file: str = opt("", "read the prompt from this file instead")
     num_samples: int = opt(3, "how many continuations")
     max_new_tokens: int = opt(500, "tokens to generate per sample")
-    temperature: float = opt(0.8, "softmax temperature; 0 = greedy")
-    top_k: int = opt(50, "sample among the k most likely tokens (0 = off)")
-    top_p: float = opt(0.95, "nucleus sampling: smallest set with this much probability (1 = off)")
+    temperature: float = opt(TEMPERATURE, "softmax temperature; 0 = greedy")
+    top_k: int = opt(TOP_K, "sample among the k most likely tokens (0 = off)")
+    top_p: float = opt(TOP_P, "nucleus sampling: smallest set with this much probability (1 = off)")
     seed: int = opt(1, "random seed: the same seed gives the same samples")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
@@ -56,8 +63,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt)  # a char tokenizer raises UserError naming unknown characters
 
 
-def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500, temperature: float = 0.8,
-                top_k: int = 50, top_p: float = 0.95, seed: int = 1, dtype: str = "float32",
+def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500, temperature: float = TEMPERATURE,
+                top_k: int = TOP_K, top_p: float = TOP_P, seed: int = 1, dtype: str = "float32",
                 generator: torch.Generator | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece as tokens are sampled.
 

@@ -20,7 +20,7 @@ from app import find_runs, val_bpb
 from checkpoint import load_for_inference
 from config import UserError, parse_config
 from conftest import tiny_train_args
-from sample import stream_text
+from sample import TEMPERATURE, TOP_K, TOP_P, stream_text
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,10 +92,12 @@ def server(runs_dir: Path) -> Iterator[str]:
             proc.wait()
 
 
-def expected_text(run: Path, prompt: str, n: int, seed: int) -> str:
-    """What sample.py's stream_text writes for the same request, in this process."""
+def expected_text(run: Path, prompt: str, n: int, seed: int, temperature: float = TEMPERATURE, top_k: int = TOP_K,
+                  top_p: float = TOP_P) -> str:
+    """What sample.py's stream_text writes for the same request, in this process (sample.py's defaults)."""
     model, info = load_for_inference(run, "best", "cpu")
-    return prompt + "".join(stream_text(model, info["tokenizer"], prompt, n, 0.8, 50, 0.95, seed, dtype="float32"))
+    return prompt + "".join(stream_text(model, info["tokenizer"], prompt, n, temperature, top_k, top_p, seed,
+                                        dtype="float32"))
 
 
 # ----------------------------------------------------------------------------- the API
@@ -107,7 +109,7 @@ def test_api_generates_what_sample_py_generates(server: str, runs_dir: Path) -> 
     run = str(runs_dir / "tiny")
     out = client.predict(run, "Pierre", 40, 0.8, 50, 0.95, 7, api_name="/generate")
     assert out.startswith("Pierre") and len(out) == len("Pierre") + 40  # char model: one token per character
-    assert out == expected_text(runs_dir / "tiny", "Pierre", 40, 7)  # the same code, the same seed: the same text
+    assert out == expected_text(runs_dir / "tiny", "Pierre", 40, 7, 0.8, 50, 0.95)  # the same code, the same seed: the same text
     assert client.predict(run, "Pierre", 40, 0.8, 50, 0.95, 8, api_name="/generate") != out
 
 
@@ -162,6 +164,7 @@ def test_page_in_headless_chromium(server: str, runs_dir: Path, tmp_path: Path) 
                 setInterval(() => window.lengths.push(document.querySelector('#output textarea').value.length), 5); }""")
             page.locator("#generate").click()
             output = page.locator("#output textarea")
+            # the sliders start at sample.py's defaults, so the page writes what sample.py writes
             expect(output).to_have_value(expected_text(runs_dir / "tiny", prompt, NEW, 1), timeout=60_000)
             text = output.input_value()
             assert text.startswith(prompt) and len(text) == len(prompt) + NEW

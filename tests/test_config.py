@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import sample
 from config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
 from model import GPTConfig
 from train import TrainConfig, validate
@@ -90,6 +92,18 @@ def test_presets_parse_and_build() -> None:
         cfg = parse_config(TrainConfig, [str(preset)])
         validate(cfg)
         GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 104})  # the model's own checks
+
+
+def test_make_demo_prepares_what_its_preset_trains_and_samples_where_the_scripts_look() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    prepare = re.search(r"prepare\.py (.*?) \$\(PREPARE_INPUT\)", recipe).group(1).split()
+    preset = re.search(r"train\.py (config/\S+\.toml) --out_dir=\$\(RUN\)", recipe).group(1)
+    cfg = parse_config(TrainConfig, [str(ROOT / preset)])
+    assert f"--out_dir={cfg.data_dir}" in prepare and "--tokenizer=bpe" in prepare and "--vocab_size=2048" in prepare
+    run = re.search(r"^RUN \?= (\S+)$", makefile, re.M).group(1)
+    assert run == cfg.out_dir == sample.DEFAULT_RUN  # sample.py, evaluate.py and app.py find the demo's run
+    assert cfg.max_minutes == 10.0
 
 
 def test_split_argv_and_atomic_write(tmp_path: Path) -> None:
