@@ -109,7 +109,8 @@ def test_api_generates_what_sample_py_generates(server: str, runs_dir: Path) -> 
     run = str(runs_dir / "tiny")
     out = client.predict(run, "Pierre", 40, 0.8, 50, 0.95, 7, api_name="/generate")
     assert out.startswith("Pierre") and len(out) == len("Pierre") + 40  # char model: one token per character
-    assert out == expected_text(runs_dir / "tiny", "Pierre", 40, 7, 0.8, 50, 0.95)  # the same code, the same seed: the same text
+    # the same code, the same seed: the same text
+    assert out == expected_text(runs_dir / "tiny", "Pierre", 40, 7, 0.8, 50, 0.95)
     assert client.predict(run, "Pierre", 40, 0.8, 50, 0.95, 8, api_name="/generate") != out
 
 

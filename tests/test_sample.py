@@ -82,7 +82,7 @@ def test_missing_run_directory(tmp_path: Path) -> None:
 def test_stream_joins_to_the_generated_text(tiny_run: Path) -> None:
     model, info = load_for_inference(tiny_run)
     tok = info["tokenizer"]
-    pieces = list(stream_text(model, tok, "Prince", max_new_tokens=25, seed=3))  # sample.py's defaults:
+    pieces = list(stream_text(model, tok, "Prince", max_new_tokens=25, seed=3))  # sample.py's defaults
     ids = model.generate(torch.tensor([tok.encode("Prince")]), 25, temperature=0.9, top_k=None, top_p=None,
                          generator=torch.Generator().manual_seed(3))
     assert "".join(pieces) == tok.decode(ids[0, 6:].tolist())
