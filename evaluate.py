@@ -392,8 +392,9 @@ def memorisation(index: TrainIndex, texts: list[str], char_n: int = 30, word_n: 
     word_hits = [index.found(t, "word", word_n) for t in texts]
     spans = index.longest_spans(texts)
     n_char, n_word = sum(len(h) for h in char_hits), sum(len(h) for h in word_hits)
+    char_found = int(sum(h.sum() for h in char_hits))
     longest = max(spans, key=len) if spans else ""
-    return {f"char{char_n}_share": float(sum(h.sum() for h in char_hits) / n_char) if n_char else 0.0,
+    return {f"char{char_n}_share": char_found / n_char if n_char else 0.0, f"char{char_n}_found": char_found,
             f"word{word_n}_share": float(sum(h.sum() for h in word_hits) / n_word) if n_word else 0.0,
             "char_ngrams": n_char, "word_ngrams": n_word,
             "longest_span": len(longest), "longest_span_mean": float(np.mean([len(s) for s in spans])) if spans else 0.0,
@@ -606,6 +607,7 @@ def likelihood_rows(lk: dict[str, float]) -> list[tuple[str, str]]:
 def memo_rows(mem: dict[str, dict]) -> list[tuple[str, str, str]]:
     g, r = mem["generated"], mem["reference"]
     return [("char 30-grams found in train", f"{g['char30_share']:.1%}", f"{r['char30_share']:.1%}"),
+            ("char 30-grams found in train, count", f"{g['char30_found']:,}", f"{r['char30_found']:,}"),
             ("word 8-grams found in train", f"{g['word8_share']:.1%}", f"{r['word8_share']:.1%}"),
             ("longest verbatim span (chars), max", str(g["longest_span"]), str(r["longest_span"])),
             ("longest verbatim span (chars), mean", f"{g['longest_span_mean']:.1f}", f"{r['longest_span_mean']:.1f}")]

@@ -196,11 +196,13 @@ def test_memorisation_of_a_copy_is_total_and_of_shuffled_text_near_zero(book_tex
     copies = [" ".join(words[i:i + 80]) for i in (100, 5000, 20000)]  # whole words, verbatim
     m = E.memorisation(index, copies)
     assert m["char30_share"] == 1.0 and m["word8_share"] == 1.0
+    assert m["char30_found"] == m["char_ngrams"] == sum(len(c) - 29 for c in copies)
     assert m["longest_spans"] == [len(c) for c in copies]
     shuffled = held.split()
     random.Random(0).shuffle(shuffled)
     s = E.memorisation(index, [" ".join(shuffled[i:i + 100]) for i in range(0, 400, 100)])
     assert s["char30_share"] < 0.01 and s["word8_share"] == 0.0
+    assert s["char30_found"] == round(s["char30_share"] * s["char_ngrams"])
     assert s["longest_span"] < 30
 
 
