@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig
 from tokenizer import read_meta
@@ -68,6 +69,9 @@ class TrainConfig:
     muon_momentum: float = opt(0.95, "Muon momentum")
     muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    # distillation: learn from trained runs' predictions as well as from the text
+    distill_from: str = opt("", "teacher runs (out_dirs, comma-separated; their best.pt), '' = off")
+    distill_weight: float = opt(0.5, "share of the loss that is cross-entropy against the teachers' mean distribution")
     # schedule and budget
     lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
     warmup_iters: int = opt(100, "linear warmup steps")
@@ -113,6 +117,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -194,6 +200,50 @@ def read_data_meta(data_dir: Path) -> dict[str, Any]:
 def bits_per_byte(loss_nats: float, split: dict[str, int]) -> float:
     """Mean nats per token -> bits per UTF-8 byte of the text those tokens encode."""
     return loss_nats / math.log(2) * split["tokens"] / split["bytes"]
+
+
+# ----------------------------------------------------------------------------- distillation
+
+class Teacher(torch.nn.Module):
+    """Trained runs whose mean next-token distribution a student learns from (distill_from).
+
+    On a small book a model overfits long before it runs out of compute; another model's full
+    distribution over the next token says more per position than the one token the text has
+    (and an average of several models is better than any of them). forward returns the log of
+    the mean probabilities as logits, and their cross-entropy with targets, as GPT.forward does,
+    so estimate_loss scores the teacher too."""
+
+    def __init__(self, runs: list[str], meta: dict[str, Any], block_size: int, device: str) -> None:
+        super().__init__()
+        models = []
+        for run in runs:
+            path = checkpoint_path(run, "best")
+            ckpt = load_checkpoint(path, device)
+            if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
+                raise UserError(f"cannot distil from {path}: it was trained on other data (vocab "
+                                f"{ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); teachers need the student's data_dir")
+            if ckpt["model_config"]["block_size"] < block_size:
+                raise UserError(f"cannot distil from {path}: its block_size {ckpt['model_config']['block_size']} is "
+                                f"shorter than the student's {block_size}; use a teacher with at least that context")
+            models.append(model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False))
+        self.models = torch.nn.ModuleList(models)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # always in eval mode: no dropout in the targets
+
+    @torch.no_grad()
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logp = torch.stack([F.log_softmax(m(idx)[0].float(), dim=-1) for m in self.models])
+        logp = logp.logsumexp(0) - math.log(len(self.models))
+        loss = None if targets is None else F.nll_loss(logp.flatten(0, 1), targets.reshape(-1))
+        return logp, loss
+
+
+def distill_loss(logits: torch.Tensor, loss: torch.Tensor, teacher_logp: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 - weight) x the text's cross-entropy + weight x the cross-entropy against the teacher's
+    distribution (its KL divergence plus the teacher's entropy: in nats per token, like the first)."""
+    soft = -(teacher_logp.exp() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return (1 - weight) * loss + weight * soft
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -482,6 +532,8 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
     out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
     meta = read_data_meta(data_dir)
     batches = {s: Batches(data_dir, s, meta["dtype"], cfg.block_size, cfg.batch_size, device) for s in ("train", "val")}
+    runs = [r.strip() for r in cfg.distill_from.split(",") if r.strip()]
+    teacher = Teacher(runs, meta, cfg.block_size, device) if runs else None
     if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
         check_writable(out_dir)
         remove_stale_temps(out_dir)
@@ -534,6 +586,14 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
         print(json.dumps(config_dict(cfg), indent=1))
         print(f"device {device} ({dtype}), {d.world} process(es), {n_params / 1e6:.2f}M parameters, "
               f"{tokens_per_iter:,} tokens per step, {meta['splits']['train']['tokens']:,} train tokens")
+    if teacher is not None and state["iter_num"] == 0:  # the teacher's quality, on the batches the student's evals use
+        losses = estimate_loss(teacher, batches, cfg, d, ctx)
+        record = {"kind": "teacher", "iter": 0, "runs": runs, "train_loss": losses["train"], "val_loss": losses["val"],
+                  "val_bpb": bits_per_byte(losses["val"], meta["splits"]["val"])}
+        if d.master:
+            metrics.write(record)
+            print(f"teacher ({len(runs)} run(s)): train {losses['train']:.4f}, val {losses['val']:.4f} "
+                  f"({record['val_bpb']:.3f} bpb); distill_weight {cfg.distill_weight}")
     wandb_run = None
     if cfg.wandb_log and d.master:
         try:
@@ -613,7 +673,9 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
             # step begins (on a GPU this still overlaps: kernels of the last backward are running)
             x, y = batches["train"].get(gen)
             with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
+                if teacher is not None:
+                    loss = distill_loss(logits, loss, teacher(x)[0], cfg.distill_weight)
                 loss = loss / accum
             scaler.scale(loss).backward()
         if cfg.grad_clip > 0:

@@ -15,7 +15,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from train import Muon, TrainConfig, lr_factor, train, zeropower_via_newtonschulz5
+from train import Muon, Teacher, TrainConfig, distill_loss, lr_factor, train, zeropower_via_newtonschulz5
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +141,74 @@ def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
     p.grad = grad.clone()
     opt.step()
     assert torch.allclose(p.detach(), after[0.0], atol=1e-6)
+
+
+def test_distill_loss_mixes_the_text_and_the_teachers_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7), torch.randint(7, (2, 5))
+    hard = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    teacher = torch.randn(2, 5, 7).log_softmax(-1)
+    assert distill_loss(logits, hard, teacher, 0.0) == pytest.approx(hard.item())
+    # a one-hot teacher is the text itself
+    one_hot = torch.full((2, 5, 7), -1e4).scatter(-1, targets[..., None], 0.0).log_softmax(-1)
+    assert distill_loss(logits, hard, one_hot, 1.0) == pytest.approx(hard.item(), abs=1e-5)
+    # cross-entropy against the teacher = KL(teacher || student) + the teacher's entropy, per token
+    p, logq = teacher.exp(), logits.log_softmax(-1)
+    kl_plus_h = ((p * (teacher - logq)).sum(-1) - (p * teacher).sum(-1)).mean()
+    assert distill_loss(logits, hard, teacher, 1.0) == pytest.approx(kl_plus_h.item(), abs=1e-5)
+    assert distill_loss(logits, hard, teacher, 0.25) == pytest.approx(0.75 * hard.item() + 0.25 * kl_plus_h.item(), abs=1e-5)
+
+
+def test_distillation_from_an_ensemble_of_runs(tiny_char_data: Path, tmp_path: Path) -> None:
+    kw = dict(max_iters=30, eval_interval=15, learning_rate=3e-3)
+    run(tiny_char_data, tmp_path / "t1", **kw)
+    run(tiny_char_data, tmp_path / "t2", seed=7, **kw)
+    meta = json.loads((tmp_path / "t1" / "meta.json").read_text())
+    one, two = Teacher([str(tmp_path / "t1")], meta, 32, "cpu"), Teacher([str(tmp_path / "t1"), str(tmp_path / "t2")], meta, 32, "cpu")
+    x = torch.randint(meta["vocab_size"], (3, 32))
+    logp1, logp2 = one(x)[0], two(x)[0]
+    assert torch.allclose(logp2.exp().sum(-1), torch.ones(3, 32), atol=1e-5)  # a distribution at every position
+    # the mean of the two runs' probabilities, not of their logits
+    p_t2 = Teacher([str(tmp_path / "t2")], meta, 32, "cpu")(x)[0].exp()
+    assert torch.allclose(logp2.exp(), (logp1.exp() + p_t2) / 2, atol=1e-5)
+    one.train()
+    assert not one.training and not any(p.requires_grad for p in one.parameters())
+
+    out = tmp_path / "student"
+    summary = run(tiny_char_data, out, distill_from=f"{tmp_path / 't1'}, {tmp_path / 't2'}", distill_weight=0.7, **kw)
+    (teacher,) = records(out, "teacher")
+    assert teacher["iter"] == 0 and teacher["runs"] == [str(tmp_path / "t1"), str(tmp_path / "t2")]
+    # scored on the batches the student's own evals use: one teacher alone gives its run's best val loss
+    run(tiny_char_data, tmp_path / "s1", distill_from=str(tmp_path / "t1"), max_iters=1)
+    (solo,) = records(tmp_path / "s1", "teacher")
+    best = [load_checkpoint(tmp_path / t / "best.pt")["best_val_loss"] for t in ("t1", "t2")]
+    assert solo["val_loss"] == pytest.approx(best[0], rel=1e-6)
+    # averaging probabilities never loses to the runs' mean loss (-log is convex), and here it gains
+    assert teacher["val_loss"] < sum(best) / 2 - 1e-3
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5 and summary["iter"] == 30
+    # resume keeps the teacher's record and continues
+    run(tiny_char_data, out, distill_from=str(tmp_path / "t1") + "," + str(tmp_path / "t2"), distill_weight=0.7,
+        init_from="resume", **{**kw, "max_iters": 45})
+    assert len(records(out, "teacher")) == 1 and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
+
+
+def test_distillation_refuses_teachers_it_cannot_use(tiny_char_data: Path, tmp_path: Path,
+                                                    book_path: Path) -> None:
+    run(tiny_char_data, tmp_path / "t", max_iters=2, eval_interval=2)
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    with pytest.raises(train_mod.UserError, match="block_size 32 is shorter than the student's 64"):
+        Teacher([str(tmp_path / "t")], meta, 64, "cpu")
+    with pytest.raises(train_mod.UserError, match="trained on other data"):
+        Teacher([str(tmp_path / "t")], {**meta, "sha256_clean": "0" * 64}, 32, "cpu")
+    with pytest.raises(train_mod.UserError, match="no checkpoint at"):
+        Teacher([str(tmp_path / "nowhere")], meta, 32, "cpu")
+    args = tiny_train_args(tiny_char_data, tmp_path / "x")
+    r = subprocess.run([sys.executable, "train.py", *args, "--distill_weight=1.5"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: distill_weight must be in [0, 1], got 1.5"
+    r = subprocess.run([sys.executable, "train.py", *args, f"--distill_from={tmp_path / 'nowhere'}"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoint at") and not (tmp_path / "x").exists()
 
 
 def test_compiled_model_saves_plain_keys(tmp_path: Path) -> None:
