@@ -232,17 +232,20 @@ class Teacher(torch.nn.Module):
         return super().train(False)  # always in eval mode: no dropout in the targets
 
     @torch.no_grad()
+    def probs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The mean of the runs' next-token probabilities, (B, T, vocab), float32."""
+        return sum(F.softmax(m(idx)[0].float(), dim=-1) for m in self.models) / len(self.models)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logp = torch.stack([F.log_softmax(m(idx)[0].float(), dim=-1) for m in self.models])
-        logp = logp.logsumexp(0) - math.log(len(self.models))
+        logp = self.probs(idx).log()
         loss = None if targets is None else F.nll_loss(logp.flatten(0, 1), targets.reshape(-1))
         return logp, loss
 
 
-def distill_loss(logits: torch.Tensor, loss: torch.Tensor, teacher_logp: torch.Tensor, weight: float) -> torch.Tensor:
+def distill_loss(logits: torch.Tensor, loss: torch.Tensor, teacher_probs: torch.Tensor, weight: float) -> torch.Tensor:
     """(1 - weight) x the text's cross-entropy + weight x the cross-entropy against the teacher's
     distribution (its KL divergence plus the teacher's entropy: in nats per token, like the first)."""
-    soft = -(teacher_logp.exp() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    soft = F.cross_entropy(logits.float().flatten(0, 1), teacher_probs.flatten(0, 1))
     return (1 - weight) * loss + weight * soft
 
 
@@ -675,7 +678,7 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
             with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                 logits, loss = model(x, y)
                 if teacher is not None:
-                    loss = distill_loss(logits, loss, teacher(x)[0], cfg.distill_weight)
+                    loss = distill_loss(logits, loss, teacher.probs(x), cfg.distill_weight)
                 loss = loss / accum
             scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
