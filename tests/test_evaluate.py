@@ -255,6 +255,28 @@ def test_overfitting_summary_and_metrics_reader(tmp_path: Path) -> None:
     assert E.plot_curves(train_rows, evals, s).startswith(b"\x89PNG")
 
 
+def test_dynamic_evaluation_scores_before_it_learns() -> None:
+    model, block = tiny_gpt(), 16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = np.random.default_rng(3).integers(0, 11, size=100)
+    static, n = E.strided_nll(model, tokens, block, 8)
+    assert E.dynamic_nll(model, tokens, block, 8, lr=0.0) == pytest.approx((static, n), rel=1e-5)
+    # one window: its tokens are scored before the only SGD step, so any learning rate gives the static score
+    one = tokens[:block + 1]
+    assert E.dynamic_nll(model, one, block, 8, lr=10.0)[0] == pytest.approx(E.strided_nll(model, one, block, 8)[0],
+                                                                           rel=1e-5)
+    assert E.dynamic_nll(model, tokens, block, 8, lr=0.5)[0] != pytest.approx(static, rel=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # it worked on a copy
+
+
+def test_dynamic_evaluation_adapts_to_the_text_it_reads() -> None:
+    model, block = tiny_gpt(), 16
+    tokens = np.tile(np.random.default_rng(4).integers(0, 11, size=7), 40)  # one phrase, over and over
+    static, n = E.strided_nll(model, tokens, block, 8)
+    dynamic, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3)
+    assert dynamic < 0.6 * static  # (here about half)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -297,6 +319,19 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     again = E.main(args + ["--num_prompts=0"])
     assert any(k.endswith("(cached)") for k in again["timings"])
     assert again["baselines"] == ev["baselines"] and again["likelihood"] == pytest.approx(ev["likelihood"])
+    assert ev["dynamic"] == {}  # off unless asked for
+
+
+def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    run, _ = tiny_eval_run
+    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32", "--dynamic_lr=0.05"])
+    dyn, lk = ev["dynamic"], ev["likelihood"]
+    assert dyn["lr"] == 0.05 and dyn["tokens"] == lk["tokens"] and dyn["bytes"] == lk["bytes"]
+    assert dyn["bpb"] == pytest.approx(dyn["loss"] * dyn["tokens"] / dyn["bytes"] / math.log(2))
+    assert dyn["bpb"] != pytest.approx(lk["bpb"], rel=1e-4)
+    assert f"bpb, dynamic evaluation (lr 0.05)" in capsys.readouterr().out
+    assert f"**{dyn['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
+    assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"] == pytest.approx(dyn)
 
 
 def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
@@ -321,6 +356,7 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
 
 @pytest.mark.parametrize("arg, says", [("--split=test", "no test split"), ("--split=train", "use val or test"),
                                        ("--stride=1000", "larger than the model's block_size"),
+                                       ("--dynamic_lr=-1", "dynamic_lr >= 0"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run
