@@ -1,11 +1,12 @@
 """Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, curves.
 
-    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N]
+    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N] [--dynamic_lr=LR]
 
 1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
    perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
    of context except at the very start. Reported as nats/token, perplexity, bits per character and
    bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
+   --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads).
 2. Baselines on the same split, fitted on the train split: a byte unigram, byte-level interpolated
    Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
 3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
