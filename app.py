@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from checkpoint import FILES, checkpoint_path, load_for_inference
 from config import UserError, cli, opt, parse_config
 from sample import DEFAULT_RUN, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
-from train import resolve_device, resolve_dtype
+from common import resolve_device, resolve_dtype
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).

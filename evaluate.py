@@ -43,7 +43,7 @@ from checkpoint import load_for_inference
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from tokenizer import read_meta
 from sample import DEFAULT_RUN, TEMPERATURE, TOP_K, TOP_P, check_sampling
-from train import autocast, resolve_device, resolve_dtype
+from common import autocast, resolve_device, resolve_dtype
 
 LN2 = math.log(2)
 
@@ -100,7 +100,7 @@ def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
     Windows are batched; the loss is computed in float32 from the logits even under autocast."""
     tokens = np.asarray(tokens, dtype=np.int64)
     windows = strided_windows(len(tokens), block_size, stride)
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+    sums = []  # one float32 sum per batch, left on the device: nothing waits for the GPU until the end
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         # every window is a full block except when the whole text is shorter than one
@@ -109,10 +109,19 @@ def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
         x, y = xy[:, :-1], xy[:, 1:]
         with autocast(device, dtype):
             logits, _ = model(x)
-        first = torch.tensor([length - n for _, _, n in batch], device=device)
-        scored = torch.arange(length, device=device)[None, :] >= first[:, None]  # the last n of each row
-        total += F.cross_entropy(logits[scored].float(), y[scored], reduction="sum").double()
-    return total.item(), sum(n for _, _, n in windows)
+        m = max(n for _, _, n in batch)  # only the last m positions of any row are scored
+        nll = F.cross_entropy(logits[:, -m:].float().flatten(0, 1), y[:, -m:].reshape(-1), reduction="none")
+        first = torch.tensor([m - n for _, _, n in batch], device=device)
+        scored = torch.arange(m, device=device)[None, :] >= first[:, None]  # the last n of each row
+        # a mask, not nll[scored]: boolean indexing waits for the GPU to count the selected elements
+        sums.append(torch.where(scored, nll.view(len(batch), m), 0.0).sum())
+    return host_sum(sums), sum(n for _, _, n in windows)
+
+
+def host_sum(parts: list[torch.Tensor]) -> float:
+    """Sum float32 device scalars exactly enough for a 3 MB book: in float64 on the host (MPS has
+    no float64, and a float32 running total would drift over thousands of batches)."""
+    return math.fsum(torch.stack(parts).cpu().tolist()) if parts else 0.0
 
 
 def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
@@ -129,17 +138,17 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
     sgd = torch.optim.SGD(model.parameters(), lr=lr)
     tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     windows = strided_windows(len(tokens_t), block_size, stride)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    sums = []
     for start, end, n in windows:
         xy = tokens_t[start:end + 1][None]
         with autocast(device, dtype):
             logits, _ = model(xy[:, :-1])
         nll = F.cross_entropy(logits[0, -n:].float(), xy[0, -n:], reduction="sum")
-        total += nll.detach().double()
+        sums.append(nll.detach())
         sgd.zero_grad(set_to_none=True)
         (nll / n).backward()
         sgd.step()
-    return total.item(), sum(n for _, _, n in windows)
+    return host_sum(sums), sum(n for _, _, n in windows)
 
 
 def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:

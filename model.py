@@ -183,6 +183,7 @@ class CausalSelfAttention(nn.Module):
             kv = cache.kv[layer]
             kv[:, :, :, start:end] = qkv[1:] if rope is None and not self.qk_norm else torch.stack((k, v))
             k, v = kv[:, :, :, :end].unbind(0)
+            q = q.to(k.dtype)  # (normed queries can be float32 under CUDA autocast; SDPA would cast them so)
             causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
         dropout_p = self.dropout if self.training else 0.0
         if cache is None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
@@ -232,6 +233,15 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+def training_flops(model: nn.Module, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """Training FLOPs per token of a GPT-shaped model (forward + backward = 3x forward), PaLM
+    appendix B style: 6 per weight of every matrix a token goes through (output head included,
+    a tied one once), plus 12 * n_layer * n_embd * T for the attention scores and the weighted
+    sum of values. Any module with nn.Linear layers: bench.py counts nanoGPT's model the same way."""
+    matmul = sum(m.weight.numel() for m in {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}.values())
+    return 6 * matmul + 12 * n_layer * n_embd * seq_len
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -275,12 +285,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
-        6 per weight of every matrix a token goes through (output head included), plus
-        12 * n_layer * n_embd * T for the attention scores and the weighted sum of values."""
-        T = seq_len or self.config.block_size
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * T
+        """Training FLOPs per token (see training_flops)."""
+        return training_flops(self, self.config.n_layer, self.config.n_embd, seq_len or self.config.block_size)
 
     def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
@@ -317,9 +323,17 @@ class GPT(nn.Module):
 
     # --------------------------------------------------------------- sampling
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache in the dtype attention computes in (autocast's, when it is on): a float32 cache
+        under bf16 autocast would be cast whole, every token, to meet the bf16 queries."""
         c = self.config
+        dtype = dtype or self.compute_dtype()
         return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matrix products run in right now: autocast's if it is on for this device."""
+        device = self.lm_head.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
 
     @contextlib.contextmanager
     def sampling_weights(self):
@@ -329,7 +343,7 @@ class GPT(nn.Module):
         if device != "cpu":
             yield
             return
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        dtype = self.compute_dtype()
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
             with torch.no_grad():
@@ -365,7 +379,7 @@ class GPT(nn.Module):
                     logits, _ = self(seq[:, -1:], cache=cache)
                 else:
                     if use_cache:
-                        cache = self.new_cache(seq.size(0), seq.device, self.lm_head.weight.dtype)
+                        cache = self.new_cache(seq.size(0), seq.device)
                     logits, _ = self(seq[:, window:], cache=cache)
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 seq = torch.cat((seq, nxt[:, None]), dim=1)

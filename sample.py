@@ -18,7 +18,7 @@ import torch
 from checkpoint import load_for_inference
 from config import UserError, cli, opt, parse_config
 from model import GPT
-from train import autocast, resolve_device, resolve_dtype
+from common import autocast, resolve_device, resolve_dtype
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
 DEFAULT_RUN = "out/wp_bpe_cpu"  # where `make demo` trains config/wp_bpe_cpu.toml

@@ -21,17 +21,20 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_state, resolve_device, resolve_dtype,
+                    set_device_rng_state)
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
+from distill import Teacher, distill_loss
 from model import GPT, GPTConfig
+from optim import lr_factor, make_optimizers, optimizer_step, set_lr
 from tokenizer import read_meta
 
 
@@ -121,43 +124,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
 
-# ----------------------------------------------------------------------------- device and precision
-
-def resolve_device(name: str = "auto") -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps but MPS is not available here; use device=cpu or device=auto")
-    if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> str:
-    """auto: bf16 where the hardware does it fast (Ampere+ GPUs, AVX-512-BF16/AMX CPUs), fp16 on older
-    GPUs (with a GradScaler), float32 on Apple's MPS and on CPUs without bf16 units."""
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
-
-def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for forward passes: weights stay float32, matmuls run in dtype."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
 # ----------------------------------------------------------------------------- data
 
 class Batches:
@@ -181,11 +147,36 @@ class Batches:
         rows = np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
         del data
         xy = torch.from_numpy(rows)
-        if self.device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        if self.device.startswith("cuda"):  # pinned memory: the copy runs without the host waiting for it
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:
             xy = xy.to(self.device)
         return xy[:, :-1], xy[:, 1:]
+
+
+class Loader:
+    """The training batches, each drawn one ahead: while the GPU works through one micro-batch,
+    the host has already cut the next from the memmap and queued its copy to the device.
+
+    `state()` is the batch stream where the first batch not yet handed out begins (the one drawn
+    ahead is not counted as used): a checkpoint saves it, and a resume draws that batch again."""
+
+    def __init__(self, batches: Batches, gen: torch.Generator) -> None:
+        self.batches, self.gen = batches, gen
+        self._state = gen.get_state()
+        self._next = batches.get(gen)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._next
+        self._state = self.gen.get_state()
+        self._next = self.batches.get(self.gen)
+        return batch
+
+    def state(self) -> torch.Tensor:
+        return self._state
 
 
 def read_data_meta(data_dir: Path) -> dict[str, Any]:
@@ -197,169 +188,84 @@ def read_data_meta(data_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def bits_per_byte(loss_nats: float, split: dict[str, int]) -> float:
-    """Mean nats per token -> bits per UTF-8 byte of the text those tokens encode."""
-    return loss_nats / math.log(2) * split["tokens"] / split["bytes"]
-
-
-# ----------------------------------------------------------------------------- distillation
-
-class Teacher(torch.nn.Module):
-    """Trained runs whose mean next-token distribution a student learns from (distill_from).
-
-    On a small book a model overfits long before it runs out of compute; another model's full
-    distribution over the next token says more per position than the one token the text has
-    (and an average of several models is better than any of them). forward returns the log of
-    the mean probabilities as logits, and their cross-entropy with targets, as GPT.forward does,
-    so estimate_loss scores the teacher too."""
-
-    def __init__(self, runs: list[str], meta: dict[str, Any], block_size: int, device: str) -> None:
-        super().__init__()
-        models = []
-        for run in runs:
-            path = checkpoint_path(run, "best")
-            ckpt = load_checkpoint(path, device)
-            if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-                raise UserError(f"cannot distil from {path}: it was trained on other data (vocab "
-                                f"{ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); teachers need the student's data_dir")
-            if ckpt["model_config"]["block_size"] < block_size:
-                raise UserError(f"cannot distil from {path}: its block_size {ckpt['model_config']['block_size']} is "
-                                f"shorter than the student's {block_size}; use a teacher with at least that context")
-            models.append(model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False))
-        self.models = torch.nn.ModuleList(models)
-
-    def train(self, mode: bool = True) -> "Teacher":
-        return super().train(False)  # always in eval mode: no dropout in the targets
-
-    @torch.no_grad()
-    def probs(self, idx: torch.Tensor) -> torch.Tensor:
-        """The mean of the runs' next-token probabilities, (B, T, vocab), float32."""
-        return sum(F.softmax(m(idx)[0].float(), dim=-1) for m in self.models) / len(self.models)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logp = self.probs(idx).log()
-        loss = None if targets is None else F.nll_loss(logp.flatten(0, 1), targets.reshape(-1))
-        return logp, loss
-
-
-def distill_loss(logits: torch.Tensor, loss: torch.Tensor, teacher_probs: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 - weight) x the text's cross-entropy + weight x the cross-entropy against the teacher's
-    distribution (its KL divergence plus the teacher's entropy: in nats per token, like the first)."""
-    soft = F.cross_entropy(logits.float().flatten(0, 1), teacher_probs.flatten(0, 1))
-    return (1 - weight) * loss + weight * soft
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise G (the U V^T of its SVD) with a quintic Newton-Schulz
-    iteration whose coefficients push singular values towards 1 fast (modded-nanogpt's Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
-    tall = X.size(0) > X.size(1)
-    if tall:
-        X = X.T
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
-
-
-class Muon(torch.optim.Optimizer):
-    """Momentum SGD whose update for each 2D weight is orthogonalised (Newton-Schulz).
-    Only for hidden matrices; embeddings, the head and gains stay with AdamW."""
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
-
-    def __setstate__(self, state: dict) -> None:  # load_state_dict goes through here
-        super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from before weight decay existed had none
-            group.setdefault("weight_decay", 0.0)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(g)
-                if group["weight_decay"]:  # decoupled, as AdamW's: shrink, then step
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-
-
-def make_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on matrices only (not gains, biases); with optimizer=muon the
-    hidden matrices (not embeddings or head) go to Muon instead."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    embed = {id(model.wte.weight), id(model.lm_head.weight)} | ({id(model.wpe.weight)} if model.wpe is not None else set())
-    hidden = [p for p in params.values() if p.dim() >= 2 and id(p) not in embed]
-    matrices = [p for p in params.values() if p.dim() >= 2 and (cfg.optimizer == "adamw" or id(p) in embed)]
-    others = [p for p in params.values() if p.dim() < 2]
-    fused = device.startswith(("cuda", "cpu"))  # one kernel for all tensors: optimizer steps ~3x faster on CPU too
-    adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                               {"params": others, "weight_decay": 0.0}],
-                              lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    if cfg.optimizer == "adamw":
-        return [adamw]
-    return [adamw, Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                         weight_decay=cfg.muon_weight_decay)]
-
-
-def lr_factor(cfg: TrainConfig, it: int, progress: float) -> float:
-    """Learning-rate multiplier in [min_lr/learning_rate, 1]: linear warmup, then cosine or
-    warmup-stable-decay. `progress` in [0, 1] is how far through the budget the run is."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / (cfg.warmup_iters + 1)
-    floor = cfg.min_lr / cfg.learning_rate
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.lr_schedule == "wsd":
-        decay_start = 1.0 - cfg.decay_frac
-        if progress < decay_start:
-            return 1.0
-        return 1.0 - (1.0 - floor) * (progress - decay_start) / max(cfg.decay_frac, 1e-9)
-    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- processes
 
 @dataclass
 class Dist:
+    """This process's place in the job, and the collectives train.py uses, all on `device`.
+
+    NCCL serves CUDA tensors only: a CPU tensor in any collective of an NCCL process group raises
+    "No backend type associated with device type cpu". Every collective here takes tensors on the
+    training device, and refuses others the same way on any backend, so a CPU run catches it too."""
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    device: str = "cpu"
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    def _check(self, x: torch.Tensor) -> None:
+        want = torch.device(self.device)
+        if x.device.type != want.type or (want.index is not None and x.device.index != want.index):
+            raise RuntimeError(f"a collective got a tensor on {x.device}, but this job's processes exchange "
+                               f"tensors on {self.device} (NCCL refuses any other device)")
+
+    def all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            self._check(x)
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x /= self.world
+        return x
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Each flag, true if it is true on any process (reading the result waits for the device)."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        self._check(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's obj, in rank order (NCCL moves them through the current CUDA device,
+        which setup_distributed set)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            index = torch.device(self.device).index
+            dist.barrier(device_ids=[index] if index is not None else None)
+
 
 def setup_distributed(device: str) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU."""
+    """torchrun sets RANK/WORLD_SIZE. With device=cuda each process takes the GPU of its local rank
+    and the processes talk over NCCL; on a CPU over gloo. BOOKGPT_DIST_BACKEND overrides the backend:
+    "cuda:gloo" has NCCL's restriction to CUDA tensors and lets two processes share one GPU
+    (device=cuda:0), which is how one GPU checks the two-GPU path (gpu_check.py)."""
     if "RANK" not in os.environ:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(d.local_rank)
+        return Dist(device=device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    backend = os.environ.get("BOOKGPT_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local_rank} on this node but it has "
+                            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node={torch.cuda.device_count()}")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    elif device.startswith("cuda:") and backend == "nccl" and world > 1:
+        raise UserError(f"device={device} puts every process on one GPU, which NCCL refuses; pass device=cuda "
+                        f"(each process takes its own GPU)")
     # a rank that dies makes the others fail at the next collective after this timeout, not hang
     timeout = float(os.environ.get("BOOKGPT_DIST_TIMEOUT", "300"))
     import datetime
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-    return d
-
-
-def all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= d.world
-    return x
+    return Dist(rank, local_rank, world, device)
 
 
 class StopFlag:
@@ -467,38 +373,71 @@ def estimate_loss(model: torch.nn.Module, batches: dict[str, Batches], cfg: Trai
             with ctx:
                 _, loss = model(x, y)
             losses[k] = loss
-        out[split] = all_mean(losses.mean(), d).item()
+        out[split] = d.all_mean(losses.mean()).item()
     model.train()
     return out
 
 
-def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(loader: Loader, device: str) -> dict[str, Any]:
+    """This process's random streams: the CPU's, the batch stream, and its own device's (dropout)."""
+    state = {"torch": torch.get_rng_state(), "batches": loader.state()}
+    device_state = device_rng_state(device)
+    if device_state is not None:
+        state[torch.device(device).type] = device_state
     return state
 
 
-def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], gen: torch.Generator, device: str) -> None:
     torch.set_rng_state(state["torch"].cpu())
     gen.set_state(state["batches"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind = torch.device(device).type
+    if kind != "cpu" and not set_device_rng_state(state.get(kind), device):
+        print(f"warning: the checkpoint holds no random state for {device} (it was saved on another kind of "
+              f"device): dropout continues from a fresh stream, so the run is not bit-for-bit the unbroken one")
 
+
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], accum: int,
+                     ctx: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler,
+                     ddp: DDP | None = None, teacher: Teacher | None = None,
+                     distill_weight: float = 0.0) -> torch.Tensor:
+    """Accumulate the gradients of `accum` micro-batches; DDP averages them across processes once,
+    on the last. Returns their mean loss as a tensor on the device: reading it waits for the GPU."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(accum):
+        x, y = next(batches)
+        with (ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext()), ctx:
+            logits, loss = model(x, y)
+            if teacher is not None:
+                loss = distill_loss(logits, loss, teacher.probs(x), distill_weight)
+        scaler.scale(loss / accum).backward()
+        total += loss.detach()
+    return total / accum
+
+
+def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+               params: list[torch.Tensor], batches: Iterator[tuple[torch.Tensor, torch.Tensor]], accum: int,
+               ctx: contextlib.AbstractContextManager, grad_clip: float, ddp: DDP | None = None,
+               teacher: Teacher | None = None, distill_weight: float = 0.0) -> tuple[torch.Tensor, bool]:
+    """One optimisation step, as train.py takes it and bench.py times it: the micro-batches'
+    forward and backward, then clip and update (optim.optimizer_step). Returns the mean loss (on
+    the device, unread) and whether the optimizers stepped (fp16 skips a step that overflowed)."""
+    loss = forward_backward(model, batches, accum, ctx, scaler, ddp, teacher, distill_weight)
+    return loss, optimizer_step(optimizers, scaler, params, grad_clip)
+
+
+# ----------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary (also the last line of metrics.jsonl)."""
     validate(cfg)
-    device = resolve_device(cfg.device)
-    d = setup_distributed(device)
-    if d.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{d.local_rank}"
+    d = setup_distributed(resolve_device(cfg.device))
     lost = False
     try:
         with StopFlag() as stop:
-            summary = _train(cfg, device, d, stop)
-        if d.world > 1:  # all ranks finish together: a rank tearing gloo down while rank 0 still saves can abort
-            dist.barrier()
+            summary = Trainer(cfg, d, stop).run()
+        d.barrier()  # all ranks finish together: a rank tearing gloo down while rank 0 still saves can abort
         return summary
     except RuntimeError as e:  # gloo and NCCL report a dead or hung peer as a RuntimeError
         lost = d.world > 1 and (isinstance(e, dist.DistError) or any(
@@ -518,112 +457,141 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, Any]:
-    dtype = resolve_dtype(cfg.dtype, device)
-    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise UserError("dtype=bfloat16 is not supported by this GPU; use dtype=float16 or auto")
-    if cfg.gradient_accumulation_steps % d.world:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible by the "
-                        f"number of processes ({d.world})")
-    accum = cfg.gradient_accumulation_steps // d.world
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+class Trainer:
+    """One training run: the model and its optimizers, the files in out_dir, and the loop."""
 
-    out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-    meta = read_data_meta(data_dir)
-    batches = {s: Batches(data_dir, s, meta["dtype"], cfg.block_size, cfg.batch_size, device) for s in ("train", "val")}
-    runs = [r.strip() for r in cfg.distill_from.split(",") if r.strip()]
-    teacher = Teacher(runs, meta, cfg.block_size, device) if runs else None
-    if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
-        check_writable(out_dir)
-        remove_stale_temps(out_dir)
-    model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": meta["vocab_size"]})
+    def __init__(self, cfg: TrainConfig, d: Dist, stop: StopFlag) -> None:
+        self.cfg, self.d, self.stop, self.device = cfg, d, stop, d.device
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.gradient_accumulation_steps % d.world:
+            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible by the "
+                            f"number of processes ({d.world})")
+        self.accum = cfg.gradient_accumulation_steps // d.world
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
-    # ------------------------------------------------------------------ model, optimisers, state
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(model_cfg).to(device)
-    optimizers = make_optimizers(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * d.rank)  # this rank's batch stream
-    torch.manual_seed(cfg.seed + 1000 * d.rank + 1)  # this rank's dropout stream
-    state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": -1, "evals_since_best": 0,
-             "tokens_seen": 0, "train_seconds": 0.0}
-    resume_path = checkpoint_path(out_dir, "latest")
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(resume_path, device)
-        check_compatible(ckpt, model_cfg, meta, resume_path, cfg.optimizer)
-        model.load_state_dict(ckpt["model"])
-        for opt_, sd in zip(optimizers, ckpt["optimizer"]):
+        self.out_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+        self.meta = read_data_meta(self.data_dir)
+        self.batches = {s: Batches(self.data_dir, s, self.meta["dtype"], cfg.block_size, cfg.batch_size, self.device)
+                        for s in ("train", "val")}
+        self.teacher_runs = [r.strip() for r in cfg.distill_from.split(",") if r.strip()]
+        self.teacher = Teacher(self.teacher_runs, self.meta, cfg.block_size, self.device) if self.teacher_runs else None
+        if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
+            check_writable(self.out_dir)
+            remove_stale_temps(self.out_dir)
+
+        # the model, its optimizers and the run's state (from ckpt.pt on resume)
+        model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": self.meta["vocab_size"]})
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = GPT(model_cfg).to(self.device)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.optimizers = make_optimizers(self.raw_model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=(self.dtype == "float16"))
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * d.rank)  # this rank's batch stream
+        torch.manual_seed(cfg.seed + 1000 * d.rank + 1)  # this rank's dropout stream
+        self.state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": -1, "evals_since_best": 0,
+                      "tokens_seen": 0, "train_seconds": 0.0}
+        if cfg.init_from == "resume":
+            self.resume(model_cfg)
+        self.loader = Loader(self.batches["train"], self.gen)  # after resume: where the saved stream stands
+
+        self.model: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            self.model = CompiledWithFallback(self.model)
+        self.ddp = None
+        if d.world > 1:  # the rope tables are constant buffers: nothing to broadcast every forward
+            index = torch.device(self.device).index
+            self.model = self.ddp = DDP(self.model, device_ids=[index] if index is not None else None,
+                                        broadcast_buffers=False)
+        self.ctx = autocast(self.device, self.dtype)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
+        self.lr = cfg.learning_rate
+        self.bar: Any = None
+        self.start_logging()
+
+    def resume(self, model_cfg: GPTConfig) -> None:
+        """Weights, optimizer moments, loss scale, counters and this rank's random streams from ckpt.pt.
+        Loaded onto the CPU first: load_state_dict copies each tensor to where its parameter lives."""
+        path = checkpoint_path(self.out_dir, "latest")
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt, model_cfg, self.meta, path, self.cfg.optimizer)
+        self.raw_model.load_state_dict(ckpt["model"])
+        for opt_, sd in zip(self.optimizers, ckpt["optimizer"]):
             opt_.load_state_dict(sd)
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state.update({k: ckpt[k] for k in state})
-        rng = ckpt["rng"][d.rank] if d.rank < len(ckpt["rng"]) else None
-        if rng is not None:
-            set_rng_state(rng, gen)
-        del ckpt
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state.update({k: ckpt[k] for k in self.state})
+        if self.d.rank < len(ckpt["rng"]):  # a job resumed with more processes: the new ones start fresh streams
+            set_rng_state(ckpt["rng"][self.d.rank], self.gen, self.device)
 
-    n_params = model.num_params()
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    raw_model = model
-    if cfg.compile:
-        try:
-            model = torch.compile(model)
-        except Exception as e:  # e.g. no compiler toolchain: eager still works
-            print(f"warning: torch.compile failed ({type(e).__name__}: {e}); continuing in eager mode")
-    if d.world > 1:
-        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    ctx = autocast(device, dtype)
-
-    # ------------------------------------------------------------------ files and logging
-    metrics = Metrics(out_dir / "metrics.jsonl", state["iter_num"] if cfg.init_from == "resume" else None) if d.master else None
-    if d.master:
-        atomic_write_json(out_dir / "config.json", config_dict(cfg))
-        atomic_write_json(out_dir / "meta.json", meta)
-        ranks = meta["tokenizer"].get("ranks_file")  # a BPE tokenizer's merges travel with the run
-        if ranks:
-            atomic_write_bytes(out_dir / ranks, (data_dir / ranks).read_bytes())
-        print(json.dumps(config_dict(cfg), indent=1))
-        print(f"device {device} ({dtype}), {d.world} process(es), {n_params / 1e6:.2f}M parameters, "
-              f"{tokens_per_iter:,} tokens per step, {meta['splits']['train']['tokens']:,} train tokens")
-    if teacher is not None and state["iter_num"] == 0:  # the teacher's quality, on the batches the student's evals use
-        losses = estimate_loss(teacher, batches, cfg, d, ctx)
-        record = {"kind": "teacher", "iter": 0, "runs": runs, "train_loss": losses["train"], "val_loss": losses["val"],
-                  "val_bpb": bits_per_byte(losses["val"], meta["splits"]["val"])}
+    def start_logging(self) -> None:
+        cfg, d, meta = self.cfg, self.d, self.meta
+        resume_iter = self.state["iter_num"] if cfg.init_from == "resume" else None
+        self.metrics = Metrics(self.out_dir / "metrics.jsonl", resume_iter) if d.master else None
         if d.master:
-            metrics.write(record)
-            print(f"teacher ({len(runs)} run(s)): train {losses['train']:.4f}, val {losses['val']:.4f} "
-                  f"({record['val_bpb']:.3f} bpb); distill_weight {cfg.distill_weight}")
-    wandb_run = None
-    if cfg.wandb_log and d.master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=true but wandb is not installed: pip install wandb") from None
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or out_dir.name,
-                               group=cfg.wandb_group or None, config=config_dict(cfg), resume="allow")
+            atomic_write_json(self.out_dir / "config.json", config_dict(cfg))
+            atomic_write_json(self.out_dir / "meta.json", meta)
+            ranks = meta["tokenizer"].get("ranks_file")  # a BPE tokenizer's merges travel with the run
+            if ranks:
+                atomic_write_bytes(self.out_dir / ranks, (self.data_dir / ranks).read_bytes())
+            print(json.dumps(config_dict(cfg), indent=1))
+            tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+            print(f"device {self.device} ({self.dtype}{', GradScaler' if self.scaler.is_enabled() else ''}"
+                  f"{', compile' if cfg.compile else ''}), {d.world} process(es), "
+                  f"{self.raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
+                  f"{meta['splits']['train']['tokens']:,} train tokens")
+        if self.teacher is not None and self.state["iter_num"] == 0:  # its quality, on the batches the evals use
+            losses = estimate_loss(self.teacher, self.batches, cfg, d, self.ctx)
+            record = {"kind": "teacher", "iter": 0, "runs": self.teacher_runs, "train_loss": losses["train"],
+                      "val_loss": losses["val"], "val_bpb": bits_per_byte(losses["val"], meta["splits"]["val"])}
+            if d.master:
+                self.metrics.write(record)
+                print(f"teacher ({len(self.teacher_runs)} run(s)): train {losses['train']:.4f}, val {losses['val']:.4f} "
+                      f"({record['val_bpb']:.3f} bpb); distill_weight {cfg.distill_weight}")
+        self.wandb = None
+        if cfg.wandb_log and d.master:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=true but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or self.out_dir.name,
+                                    group=cfg.wandb_group or None, config=config_dict(cfg), resume="allow")
 
-    def save(which: str) -> None:
-        rngs = [rng_state(gen)]
-        if d.world > 1:  # every rank's streams, so a resume continues each of them
-            gathered = [None] * d.world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if not d.master:
-            return
-        save_checkpoint(checkpoint_path(out_dir, which), raw_model,
-                        optimizer=[o.state_dict() for o in optimizers],
-                        scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                        config=config_dict(cfg), meta=meta, rng=rngs, **state)
+    # ------------------------------------------------------------------ reading, saving, evaluating
 
-    def evaluate_and_save() -> None:
-        losses = estimate_loss(model, batches, cfg, d, ctx)
+    def read_losses(self) -> float | None:
+        """Read the losses of the steps taken since the last read (one wait for the GPU) and stop at
+        the first that is not finite; returns the latest. Runs before every save: weights that went
+        bad are never written over the last good checkpoint."""
+        if not self.pending:
+            return None
+        steps, values = [s for s, _ in self.pending], torch.stack([l for _, l in self.pending]).tolist()
+        self.pending.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                self.bar.close()
+                raise UserError(f"loss became {value} at step {step}; the last good checkpoints in {self.out_dir} "
+                                f"are kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
+        return values[-1]
+
+    def save(self, which: str) -> None:
+        self.read_losses()
+        rngs = self.d.gather(rng_state(self.loader, self.device))  # every rank's streams, so each resumes
+        if self.d.master:
+            save_checkpoint(checkpoint_path(self.out_dir, which), self.raw_model,
+                            optimizer=[o.state_dict() for o in self.optimizers],
+                            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                            config=config_dict(self.cfg), meta=self.meta, rng=rngs, **self.state)
+
+    def evaluate_and_save(self) -> None:
+        state, out_dir = self.state, self.out_dir
+        losses = estimate_loss(self.model, self.batches, self.cfg, self.d, self.ctx)
         for split, value in losses.items():  # the last step's update broke the weights: do not save them
             if not math.isfinite(value):
-                bar.close()
+                self.bar.close()
                 raise UserError(f"eval loss on {split} became {value} at step {state['iter_num']}; the last good "
                                 f"checkpoints in {out_dir} are kept. Try a lower learning_rate, grad_clip=1, "
                                 f"or dtype=bfloat16/float32")
@@ -633,116 +601,111 @@ def _train(cfg: TrainConfig, device: str, d: Dist, stop: StopFlag) -> dict[str, 
         else:
             state["evals_since_best"] += 1
         record = {"kind": "eval", "iter": state["iter_num"], "train_loss": losses["train"], "val_loss": losses["val"],
-                  "val_bpb": bits_per_byte(losses["val"], meta["splits"]["val"]), "lr": lr_now,
+                  "val_bpb": bits_per_byte(losses["val"], self.meta["splits"]["val"]), "lr": self.lr,
                   "tokens_seen": state["tokens_seen"], "time_s": state["train_seconds"]}
-        if d.master:
-            metrics.write(record)
-            bar.write(f"step {state['iter_num']}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                      f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}")
-            if wandb_run:
-                wandb_run.log({f"eval/{k}": v for k, v in record.items() if k != "kind"}, step=state["iter_num"])
+        if self.d.master:
+            self.metrics.write(record)
+            self.bar.write(f"step {state['iter_num']}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                           f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}")
+            if self.wandb:
+                self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "kind"}, step=state["iter_num"])
         if improved:
-            save("best")
-        save("latest")
+            self.save("best")
+        self.save("latest")
+
+    def log_train(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        record = {"kind": "train", "iter": step, "loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s,
+                  "time_s": self.state["train_seconds"]}
+        if self.scaler.is_enabled():
+            record["loss_scale"] = self.scaler.get_scale()
+        self.metrics.write(record)
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "kind"}, step=step)
+
+    def should_stop(self, step: int) -> tuple[bool, bool]:
+        """(a signal asked to stop, the max_minutes budget is spent), agreed on by all processes. They
+        must stop at the same step, and agreeing waits for the GPU, so a job of several processes
+        agrees at log and eval steps only (a signal then takes effect up to log_interval steps late)."""
+        cfg = self.cfg
+        flags = [self.stop.requested, cfg.max_minutes > 0 and self.state["train_seconds"] >= cfg.max_minutes * 60]
+        if self.d.world == 1:
+            return flags[0], flags[1]
+        if step % cfg.log_interval and step % cfg.eval_interval:
+            return False, False
+        agreed = self.d.any(flags)
+        return agreed[0], agreed[1]
 
     # ------------------------------------------------------------------ the loop
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=state["iter_num"], disable=not d.master, dynamic_ncols=True)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    lr_now = cfg.learning_rate * lr_factor(cfg, state["iter_num"], state["iter_num"] / decay_iters)
-    reason = "max_iters"
-    seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
-    if state["iter_num"] == 0:
-        evaluate_and_save()
-    while True:
-        it = state["iter_num"]
-        if it >= cfg.max_iters:
-            break
-        t0 = time.perf_counter()
-        progress = it / decay_iters
-        if cfg.max_minutes > 0:
-            progress = max(progress, state["train_seconds"] / 60 / cfg.max_minutes)
-        factor = lr_factor(cfg, it, progress)
-        lr_now = cfg.learning_rate * factor
-        for o in optimizers:
-            base = cfg.learning_rate if isinstance(o, torch.optim.AdamW) else cfg.muon_lr
-            for group in o.param_groups:
-                group["lr"] = base * factor
 
-        for micro in range(accum):
-            # gradients are all-reduced once per step: only on the last micro-batch
-            sync = micro == accum - 1 or d.world == 1
-            # drawn here, not ahead, so a checkpoint's generator state is exactly where the next
-            # step begins (on a GPU this still overlaps: kernels of the last backward are running)
-            x, y = batches["train"].get(gen)
-            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
-                logits, loss = model(x, y)
-                if teacher is not None:
-                    loss = distill_loss(logits, loss, teacher.probs(x), cfg.distill_weight)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            for o in optimizers:
-                scaler.unscale_(o)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        for o in optimizers:
-            scaler.step(o)
-        scaler.update()
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+        cfg, d, state = self.cfg, self.d, self.state
+        self.bar = tqdm(total=cfg.max_iters, initial=state["iter_num"], disable=not d.master, dynamic_ncols=True)
+        decay_iters = cfg.lr_decay_iters or cfg.max_iters
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.lr = cfg.learning_rate * lr_factor(cfg, state["iter_num"], state["iter_num"] / decay_iters)
+        reason = "max_iters"
+        seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
+        if state["iter_num"] == 0:
+            self.evaluate_and_save()
+        while state["iter_num"] < cfg.max_iters:
+            it = state["iter_num"]
+            t0 = time.perf_counter()
+            progress = it / decay_iters
+            if cfg.max_minutes > 0:
+                progress = max(progress, state["train_seconds"] / 60 / cfg.max_minutes)
+            factor = lr_factor(cfg, it, progress)
+            self.lr = cfg.learning_rate * factor
+            set_lr(self.optimizers, cfg, factor)
+            loss, _ = train_step(self.model, self.optimizers, self.scaler, self.params, self.loader, self.accum,
+                                 self.ctx, cfg.grad_clip, self.ddp, self.teacher, cfg.distill_weight)
+            step = it + 1
+            self.pending.append((step, loss))
+            loss_value = self.read_losses() if step % cfg.log_interval == 0 else None  # the only wait per interval
+            state["iter_num"] = step
+            state["tokens_seen"] += tokens_per_step
+            state["train_seconds"] += time.perf_counter() - t0
+            self.bar.update(1)
+            if loss_value is not None and d.master:
+                tps = (state["tokens_seen"] - tokens_last) / max(state["train_seconds"] - seconds_last, 1e-9)
+                seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
+                self.log_train(step, loss_value, tps)
 
-        loss_value = loss.item() * accum
-        if not math.isfinite(loss_value):  # step it + 1, as metrics.jsonl counts; nothing is saved after this
-            bar.close()
-            raise UserError(f"loss became {loss_value} at step {it + 1}; the last good checkpoints in {out_dir} are "
-                            f"kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
-        state["iter_num"] = it + 1
-        state["tokens_seen"] += tokens_per_iter
-        state["train_seconds"] += time.perf_counter() - t0
-        bar.update(1)
-        if d.master and (it + 1) % cfg.log_interval == 0:
-            tps = (state["tokens_seen"] - tokens_last) / max(state["train_seconds"] - seconds_last, 1e-9)
-            seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:,.0f}")
-            record = {"kind": "train", "iter": it + 1, "loss": loss_value, "lr": lr_now,
-                      "tokens_per_s": tps, "time_s": state["train_seconds"]}
-            metrics.write(record)
-            if wandb_run:
-                wandb_run.log({f"train/{k}": v for k, v in record.items() if k != "kind"}, step=it + 1)
-
-        # stop conditions, agreed on by all ranks
-        flags = torch.tensor([float(stop.requested),
-                              float(cfg.max_minutes > 0 and state["train_seconds"] >= cfg.max_minutes * 60)])
-        if d.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
-            reason = "signal"
-            if state["iter_num"] % cfg.eval_interval == 0:
-                evaluate_and_save()  # a resume would not redo this step's eval: do it now (it saves too)
-            else:
-                save("latest")
-            break
-        last = state["iter_num"] >= cfg.max_iters or bool(flags[1])
-        if state["iter_num"] % cfg.eval_interval == 0 or last:
-            evaluate_and_save()
-            if cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
-                reason = "early_stop"
+            stop_now, out_of_time = self.should_stop(step)
+            if stop_now:
+                reason = "signal"
+                if step % cfg.eval_interval == 0:
+                    self.evaluate_and_save()  # a resume would not redo this step's eval: do it now (it saves too)
+                else:
+                    self.save("latest")
                 break
-        if flags[1]:
-            reason = "max_minutes"
-            break
-    bar.close()
-    summary = {"kind": "summary", "iter": state["iter_num"], "reason": reason, "best_val_loss": state["best_val_loss"],
-               "best_val_bpb": bits_per_byte(state["best_val_loss"], meta["splits"]["val"]),
-               "best_iter": state["best_iter"], "tokens_seen": state["tokens_seen"], "train_seconds": state["train_seconds"],
-               "params": n_params}
-    if d.master:
-        metrics.write(summary)
-        print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
-              f"({summary['best_val_bpb']:.3f} bpb) at step {state['best_iter']}; checkpoints in {out_dir}")
-        if wandb_run:
-            wandb_run.finish()
-    return summary
+            if step % cfg.eval_interval == 0 or step >= cfg.max_iters or out_of_time:
+                self.evaluate_and_save()
+                if cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
+                    reason = "early_stop"
+                    break
+            if out_of_time:
+                reason = "max_minutes"
+                break
+        self.bar.close()
+        return self.finish(reason)
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        state = self.state
+        summary = {"kind": "summary", "iter": state["iter_num"], "reason": reason, "best_val_loss": state["best_val_loss"],
+                   "best_val_bpb": bits_per_byte(state["best_val_loss"], self.meta["splits"]["val"]),
+                   "best_iter": state["best_iter"], "tokens_seen": state["tokens_seen"],
+                   "train_seconds": state["train_seconds"], "params": self.raw_model.num_params()}
+        if isinstance(self.model, CompiledWithFallback) and self.model.error:
+            summary["compile_error"] = self.model.error
+        if self.d.master:
+            self.metrics.write(summary)
+            print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
+                  f"({summary['best_val_bpb']:.3f} bpb) at step {state['best_iter']}; checkpoints in {self.out_dir}")
+            if self.wandb:
+                self.wandb.finish()
+        return summary
 
 
 def main(argv: list[str]) -> None:

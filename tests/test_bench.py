@@ -26,14 +26,14 @@ def test_flops_tflops_and_mfu_match_a_hand_count() -> None:
     matmul = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C) + V * C  # qkv, proj, fc, mlp proj; the head
     flops = 6 * matmul + 12 * L * C * T  # 6 per weight (forward + backward), plus attention
     # 4 sequences of 16 tokens in 0.032 s: 2,000 tokens/s
-    fig = throughput(model, tokens_per_step=64, seconds_per_step=0.032, seq_len=T, peak_flops=1e9)
+    fig = throughput(model.flops_per_token(T), tokens_per_step=64, seconds_per_step=0.032, peak_flops=1e9)
     assert fig["tokens_per_s"] == pytest.approx(2000.0)
     assert fig["ms_per_step"] == pytest.approx(32.0)
     assert fig["flops_per_token"] == flops == 6 * 24_576 + 6 * 1184 + 12_288
     assert fig["tflops"] == pytest.approx(flops * 2000 / 1e12)
     assert fig["mfu"] == pytest.approx(flops * 2000 / 1e9)
     # a shorter sequence has cheaper attention; no known peak, no MFU
-    short = throughput(model, 64, 0.032, seq_len=8, peak_flops=None)
+    short = throughput(model.flops_per_token(8), 64, 0.032, peak_flops=None)
     assert short["flops_per_token"] == flops - 12 * L * C * 8
     assert short["mfu"] is None
 

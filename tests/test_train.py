@@ -15,7 +15,9 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from train import Muon, Teacher, TrainConfig, distill_loss, lr_factor, train, zeropower_via_newtonschulz5
+from distill import Teacher, distill_loss
+from optim import Muon, lr_factor, zeropower_via_newtonschulz5
+from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
