@@ -10,8 +10,10 @@ no version check, no share link, no web fonts.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +182,8 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(AppConfig, argv, prog="app.py", doc=__doc__.split("\n\n")[0])
-    if not 0 <= cfg.port <= 65535:
-        raise UserError(f"port must be between 0 and 65535, got {cfg.port}")
+    if not 1 <= cfg.port <= 65535:
+        raise UserError(f"port must be between 1 and 65535, got {cfg.port}")
     if not 1 <= cfg.max_tokens_limit <= MAX_NEW_TOKENS:
         raise UserError(f"max_tokens_limit must be between 1 and {MAX_NEW_TOKENS:,}, got {cfg.max_tokens_limit}")
     if cfg.concurrency < 1 or cfg.queue_size < 1:
@@ -197,9 +199,32 @@ def main(argv: list[str]) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("gradio is not installed: pip install -r requirements-app.txt") from None
+    check_port(cfg.host, cfg.port)
     print(f"{cfg.out_dir}: {model.num_params() / 1e6:.2f}M parameters on {runs.device} ({runs.dtype})")
-    build(cfg, runs).launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True,
-                            footer_links=["api"], mcp_server=False)
+    try:
+        build(cfg, runs).launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True,
+                                footer_links=["api"], mcp_server=False)
+    except OSError as e:  # taken between the check and the start; Gradio's message names its env variable
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or 'in use'}); pass --port=N "
+                        f"with a free port") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line if the page cannot listen on host:port, before Gradio starts and says so
+    with a traceback (as Gradio checks: SO_REUSEADDR, so a port a closed page just left is free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = {errno.EADDRINUSE: f"port {port} is in use", errno.EACCES: f"port {port} needs more privileges",
+                   errno.EADDRNOTAVAIL: f"{host} is not an address of this machine"}.get(e.errno, e.strerror)
+            raise UserError(f"cannot listen on {host}:{port}: {why}; pass --port=N with a free port"
+                            f"{'' if e.errno != errno.EADDRNOTAVAIL else ' or --host=127.0.0.1'}") from None
+        except socket.gaierror:
+            raise UserError(f"cannot listen on {host}:{port}: unknown host; pass --host=127.0.0.1 or "
+                            f"--host=0.0.0.0") from None
 
 
 if __name__ == "__main__":

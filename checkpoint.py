@@ -36,11 +36,12 @@ def checkpoint_path(out_dir: str | Path, which: str = "best") -> Path:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    """The plain module under DDP and common.CompiledWithFallback (`.module`) and torch.compile
+    (`._orig_mod`) wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
         else:
             return model
@@ -130,7 +131,7 @@ def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "
     if not out_dir.is_dir():
         raise UserError(f"run directory not found: {out_dir} (pass --out_dir=out/RUN of a trained run)")
     path = checkpoint_path(out_dir, which)
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)  # onto the host: only the weights go to the device, not the optimizer's state
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     meta = ckpt["meta"]
     info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}

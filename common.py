@@ -155,6 +155,8 @@ class CompiledWithFallback(torch.nn.Module):
             with _backward_compiled_with_forward():
                 out = self._compiled[0](*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - anything the compiler raises; eager re-raises real errors
+            while getattr(e, "inner_exception", None) or e.__cause__:  # dynamo wraps the backend's own error
+                e = getattr(e, "inner_exception", None) or e.__cause__
             self.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             self.warn(f"warning: torch.compile failed ({self.error}); continuing in eager mode")
             self._compiled.clear()

@@ -241,3 +241,20 @@ def test_command_line_error_is_one_line_and_status_2(runs_dir: Path) -> None:
                        capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
     assert r.returncode == 2
     assert r.stderr == "error: unknown checkpoint 'newest': use best or latest\n"
+
+
+def test_a_port_in_use_is_one_clear_line_and_status_2(runs_dir: Path) -> None:
+    """Gradio's own failure is a traceback that points at GRADIO_SERVER_PORT, not at --port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: port {port} is in use; pass --port=N"):
+            app.check_port("127.0.0.1", port)
+        r = subprocess.run([sys.executable, "app.py", f"--out_dir={runs_dir / 'tiny'}", f"--port={port}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
+    assert r.returncode == 2
+    assert r.stderr == f"error: cannot listen on 127.0.0.1:{port}: port {port} is in use; pass --port=N with a free port\n"
+    app.check_port("127.0.0.1", port)  # released: free again
+    with pytest.raises(UserError, match="is not an address of this machine; pass --port=N with a free port or --host=127.0.0.1"):
+        app.check_port("203.0.113.7", 8080)  # TEST-NET-3: never this machine's

@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate as E
 from config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from train import TrainConfig, bits_per_byte, train
+from common import bits_per_byte
+from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,6 +277,36 @@ def test_dynamic_evaluation_adapts_to_the_text_it_reads() -> None:
     static, n = E.strided_nll(model, tokens, block, 8)
     dynamic, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3)
     assert dynamic < 0.6 * static  # (here about half)
+
+
+class Ops(TorchDispatchMode):
+    """Records the dtype of every tensor an op returns, and every op that makes the host wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.dtypes |= {t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.reads.append(str(func))
+        return out
+
+
+def test_likelihood_needs_no_float64_on_the_device_and_waits_for_it_once() -> None:
+    """MPS has no float64: the running totals were float64 tensors on the device. And boolean-mask
+    indexing (logits[scored]) waits for the GPU every batch to count what it selects."""
+    model, block = tiny_gpt(), 16
+    tokens = np.random.default_rng(5).integers(0, 11, size=90)
+    with Ops() as ops:
+        total, _ = E.strided_nll(model, tokens, block, 5, batch_size=3)
+    assert torch.float64 not in ops.dtypes and not ops.reads
+    assert total == pytest.approx(E.strided_nll(model, tokens, block, 5, batch_size=64)[0], rel=1e-6)
+    with Ops() as ops:
+        E.dynamic_nll(model, tokens, block, 8, lr=0.1)
+    assert torch.float64 not in ops.dtypes
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -58,6 +58,21 @@ def test_cached_logits_match_full_forward() -> None:
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_kv_cache_is_kept_in_the_dtype_attention_computes_in(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 cache under bf16 autocast is cast whole, every sampled token, to meet the bf16 queries."""
+    model = tiny(**VARIANTS[variant])
+    caches = []
+    real = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **kw: caches.append(real(*a, **kw)) or caches[-1])
+    prompt = torch.randint(0, 37, (1, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 25) and caches and all(kv.dtype == torch.bfloat16 for c in caches for kv in c.kv)
+    model.generate(prompt, 2)
+    assert all(kv.dtype == torch.float32 for kv in caches[-1].kv)  # no autocast: the weights' dtype
+
+
 def test_sampling_layout_gives_the_same_products_and_is_dropped_after() -> None:
     model = tiny(bias=True)
     seq = torch.randint(0, 37, (2, 9))

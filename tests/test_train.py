@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train as train_mod
 from checkpoint import load_checkpoint, save_checkpoint
-from config import parse_config
+from common import autocast
+from config import config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
+from optim import make_optimizers
 from distill import Teacher, distill_loss
-from optim import Muon, lr_factor, zeropower_via_newtonschulz5
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,50 +104,6 @@ def test_muon_wsd_and_modern_architecture_train(tiny_char_data: Path, tmp_path: 
     assert len(load_checkpoint(out / "ckpt.pt")["optimizer"]) == 2  # AdamW + Muon both saved
 
 
-def test_lr_schedules() -> None:
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_schedule="cosine")
-    assert lr_factor(cfg, 0, 0.0) == pytest.approx(1 / 11)
-    assert lr_factor(cfg, 10, 0.0) == pytest.approx(1.0)
-    assert lr_factor(cfg, 50, 0.5) == pytest.approx(0.55)
-    assert lr_factor(cfg, 99, 1.0) == pytest.approx(0.1)
-    wsd = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=0, lr_schedule="wsd", decay_frac=0.2)
-    assert lr_factor(wsd, 5, 0.79) == 1.0
-    assert lr_factor(wsd, 5, 0.9) == pytest.approx(0.55)
-    assert lr_factor(wsd, 5, 1.0) == pytest.approx(0.1)
-
-
-def test_newton_schulz_orthogonalises() -> None:
-    torch.manual_seed(0)
-    for shape in [(32, 32), (64, 16), (16, 64)]:
-        O = zeropower_via_newtonschulz5(torch.randn(*shape)).float()
-        s = torch.linalg.svdvals(O)
-        # Muon's quintic iteration maps singular values into roughly [0.7, 1.2], not exactly 1
-        assert s.min() > 0.5 and s.max() < 1.3, s
-
-
-def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
-    torch.manual_seed(0)
-    w0, grad = torch.randn(16, 8), torch.randn(16, 8)
-    after = {}
-    for wd in (0.0, 0.5):
-        p = torch.nn.Parameter(w0.clone())
-        p.grad = grad.clone()
-        Muon([p], lr=0.1, weight_decay=wd).step()
-        after[wd] = p.detach()
-    # the same orthogonalised step, plus a shrink of lr * wd = 5% of the weight before it
-    assert torch.allclose(after[0.5] - after[0.0], -0.05 * w0, atol=1e-6)
-    assert not torch.equal(after[0.0], w0)
-    # a state saved before the option existed has no weight_decay in its groups: it loads as 0
-    p = torch.nn.Parameter(w0.clone())
-    opt = Muon([p], lr=0.1, weight_decay=0.3)
-    state = opt.state_dict()
-    del state["param_groups"][0]["weight_decay"]
-    opt.load_state_dict(state)
-    p.grad = grad.clone()
-    opt.step()
-    assert torch.allclose(p.detach(), after[0.0], atol=1e-6)
-
-
 def test_distill_loss_mixes_the_text_and_the_teachers_cross_entropy() -> None:
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 5, 7), torch.randint(7, (2, 5))
@@ -213,35 +172,63 @@ def test_distillation_refuses_teachers_it_cannot_use(tiny_char_data: Path, tmp_p
     assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoint at") and not (tmp_path / "x").exists()
 
 
-def test_compiled_model_saves_plain_keys(tmp_path: Path) -> None:
-    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=1, n_embd=8))
-    compiled = torch.compile(model)  # wrapping only: nothing is compiled until it is called
-    save_checkpoint(tmp_path / "c.pt", compiled)
-    keys = load_checkpoint(tmp_path / "c.pt")["model"].keys()
-    assert set(keys) == set(model.state_dict().keys())
+# Runs train.py under torchrun with every collective recorded: its name and the devices of its tensors,
+# one JSON line per call, into RECORD_DIR/rank<R>.jsonl.
+RECORDING_DRIVER = r'''
+import json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist
+log = open(os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ['RANK']}.jsonl"), "a")
+def recorded(name, real):
+    def call(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+        log.write(json.dumps({"op": name, "devices": [str(t.device) for t in tensors]}) + "\n")
+        log.flush()
+        return real(*args, **kwargs)
+    return call
+for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "barrier",
+             "all_gather_object", "broadcast_object_list"):
+    setattr(dist, name, recorded(name, getattr(dist, name)))
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+'''
 
 
 def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    args = tiny_train_args(tiny_char_data, out, max_iters=6, eval_interval=3, gradient_accumulation_steps=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es)" in r.stdout
+    """Two processes, the process group made as "cpu:gloo" (BOOKGPT_DIST_BACKEND): every collective is
+    recorded and must be on the training device; the stop flags are agreed on at log and eval steps only."""
+    out, record = tmp_path / "ddp", tmp_path / "record"
+    record.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECORDING_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BOOKGPT_DIST_BACKEND": "cpu:gloo", "RECORD_DIR": str(record)}
+
+    def torchrun(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(driver), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "2 process(es)" in r.stdout
+
+    torchrun(*tiny_train_args(tiny_char_data, out, max_iters=6, eval_interval=3, log_interval=2,
+                              gradient_accumulation_steps=4))
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 6
     assert len(ckpt["rng"]) == 2  # both ranks' streams are saved ...
     assert not torch.equal(ckpt["rng"][0]["batches"], ckpt["rng"][1]["batches"])  # ... and they differ
     assert [r["iter"] for r in records(out, "eval")] == [0, 3, 6]
+    assert [r["iter"] for r in records(out, "train")] == [2, 4, 6]
     # 4 micro-batches of 4 x 32 tokens per step: 2 on each process (no_sync on the first)
     assert records(out, "summary")[0]["tokens_seen"] == 6 * 4 * 4 * 32
+    for rank in (0, 1):
+        calls = [json.loads(line) for line in (record / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert {d for c in calls for d in c["devices"]} == {"cpu"}  # the training device, every time
+        reduces = [c for c in calls if c["op"] == "all_reduce"]
+        # eval losses: 2 splits x 3 evals; stop flags: at steps 2, 3, 4, 6 (log or eval steps), not at 1 or 5
+        assert len(reduces) == 6 + 4, calls
     # and it resumes with two processes
-    args = tiny_train_args(tiny_char_data, out, max_iters=9, eval_interval=3, gradient_accumulation_steps=4,
-                           init_from="resume")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*tiny_train_args(tiny_char_data, out, max_iters=9, eval_interval=3, gradient_accumulation_steps=4,
+                              init_from="resume"))
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
 
 
@@ -260,3 +247,131 @@ def test_invalid_values_are_one_clear_error_line(tiny_char_data: Path, tmp_path:
     args = tiny_train_args(tiny_char_data, tmp_path / "x")
     r = subprocess.run([sys.executable, "train.py", *args, "--batch_size=0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: 'batch_size' must be positive, got 0"
+
+
+# ----------------------------------------------------------------------------- the GPU path, as far as a CPU shows it
+
+class Recorded(Exception):
+    pass
+
+
+def test_collectives_use_tensors_on_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL serves CUDA tensors only: the stop flags were all-reduced as a CPU tensor, which crashes
+    two GPUs at the first step. A job whose training device is not the CPU ("meta" stands in for a
+    GPU here) must hand every collective a tensor on that device."""
+    seen = []
+
+    def all_reduce(t: torch.Tensor, op=None) -> None:
+        seen.append(t.device)
+        raise Recorded  # a meta tensor holds no values to read back
+
+    monkeypatch.setattr(train_mod.dist, "all_reduce", all_reduce)
+    d = train_mod.Dist(rank=0, local_rank=0, world=2, device="meta")
+    with pytest.raises(Recorded):
+        d.any([True, False])  # the stop flags: signal, time budget
+    with pytest.raises(Recorded):
+        d.all_mean(torch.zeros((), device="meta"))  # eval losses
+    assert seen == [torch.device("meta"), torch.device("meta")]
+    # and a tensor on another device is refused as NCCL would refuse it, on any backend
+    with pytest.raises(RuntimeError, match="a collective got a tensor on cpu, but this job's processes exchange tensors on meta"):
+        d.all_mean(torch.zeros(()))
+    assert train_mod.Dist(world=1).any([True, False]) == [True, False]  # one process: nothing to agree on
+
+
+def test_torchrun_refuses_what_nccl_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("BOOKGPT_DIST_BACKEND", raising=False)
+    with pytest.raises(train_mod.UserError, match=r"has 1 GPU\(s\); use --nproc_per_node=1"):
+        train_mod.setup_distributed("cuda")
+    with pytest.raises(train_mod.UserError, match="device=cuda:0 puts every process on one GPU, which NCCL refuses"):
+        train_mod.setup_distributed("cuda:0")
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that makes the host wait for a tensor's value (.item(), bool(), nonzero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                    torch.ops.aten.is_nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_training_step_never_waits_for_the_device(tiny_char_data: Path, optimizer: str) -> None:
+    """On a GPU each host read (loss.item(), a stop flag) leaves the GPU idle while the host catches
+    up; train.py reads losses at log steps only. Under fp16 GradScaler reads its overflow flag, by design."""
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradient_accumulation_steps=2,
+                      optimizer=optimizer, dropout=0.1)
+    model = GPT(GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 200}))
+    optimizers = make_optimizers(model, cfg, "cpu")
+    meta = json.loads((tiny_char_data / "meta.json").read_text())
+    loader = train_mod.Loader(train_mod.Batches(tiny_char_data, "train", meta["dtype"], 16, 2, "cpu"),
+                              torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    for dtype, waits in (("float32", False), ("bfloat16", False), ("float16", True)):
+        scaler = torch.amp.GradScaler("cpu", enabled=dtype == "float16")
+        with HostReads() as mode:
+            loss, stepped = train_mod.train_step(model, optimizers, scaler, params, loader, 2, autocast("cpu", dtype), 1.0)
+        assert bool(mode.reads) == waits, (dtype, mode.reads)
+        assert stepped and math.isfinite(loss.item())
+
+
+def test_batches_are_drawn_ahead_and_the_saved_stream_redraws_the_next(tiny_char_data: Path) -> None:
+    meta = json.loads((tiny_char_data / "meta.json").read_text())
+    b = train_mod.Batches(tiny_char_data, "train", meta["dtype"], 16, 3, "cpu")
+    loader = train_mod.Loader(b, torch.Generator().manual_seed(5))
+    next(loader)
+    saved = loader.state()  # a checkpoint taken now: the batch drawn ahead is not counted as used
+    following = [next(loader) for _ in range(3)]
+    again = train_mod.Loader(b, torch.Generator().set_state(saved))
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(following, (next(again) for _ in range(3))))
+
+
+def test_non_finite_loss_between_log_steps_names_its_step_and_saves_nothing(
+        tiny_char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Losses are read every log_interval steps; a bad one is found there, named by its own step, and
+    the weights it came with are never saved, not even by a signal's save at a step between."""
+    real_step = train_mod.train_step
+    steps = []
+
+    def step(*a, **kw):
+        loss, stepped = real_step(*a, **kw)
+        steps.append(1)
+        return (loss * math.nan if len(steps) == 7 else loss), stepped
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(train_mod.UserError, match=r"^loss became nan at step 7; the last good checkpoints"):
+        run(tiny_char_data, out, max_iters=30, eval_interval=5, log_interval=4)
+    assert [r["iter"] for r in records(out, "train")] == [4]
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 5  # the eval at step 5 saved; nothing after
+
+
+def test_compile_that_fails_falls_back_to_eager_and_trains_the_same(tiny_char_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """torch.compile is lazy: the try/except around the call caught nothing, and a compiler that cannot
+    work here failed at the first forward with a traceback. Now training goes on in eager mode."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=broken))
+    torch._dynamo.reset()
+    eager = run(tiny_char_data, tmp_path / "eager", max_iters=10, eval_interval=5)
+    compiled = run(tiny_char_data, tmp_path / "compiled", max_iters=10, eval_interval=5, compile=True)
+    torch._dynamo.reset()
+    assert "warning: torch.compile failed (RuntimeError: no working C++ compiler); continuing in eager mode" in capsys.readouterr().out
+    assert compiled["compile_error"] == "RuntimeError: no working C++ compiler"
+    assert [r["loss"] for r in records(tmp_path / "compiled", "train")] == [r["loss"] for r in records(tmp_path / "eager", "train")]
+    assert compiled["best_val_loss"] == eager["best_val_loss"]
+    assert set(load_checkpoint(tmp_path / "compiled" / "ckpt.pt")["model"]) == set(load_checkpoint(tmp_path / "eager" / "ckpt.pt")["model"])
