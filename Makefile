@@ -4,7 +4,7 @@ PY ?= python3
 BOOK ?=
 PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
-.PHONY: install dev test demo clean
+.PHONY: install dev test demo gpu-check clean
 
 RUN ?= out/wp_bpe_cpu
 
@@ -28,6 +28,12 @@ demo: install
 	$(PY) evaluate.py --out_dir=$(RUN)
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
+
+# on a GPU machine: prepare, bench, train bf16/fp16 with a SIGTERM resume, DDP, sample, evaluate, app;
+# writes out/gpu_check/report.md and report.json, exit status 1 if a check failed. Sized for under 8 minutes
+# on one H100/A100/4090 (not yet timed on one); no GPU? python gpu_check.py --device=cpu --tiny
+gpu-check: install
+	$(PY) gpu_check.py $(PREPARE_INPUT)
 
 clean:
 	rm -rf $(RUN)

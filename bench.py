@@ -193,7 +193,7 @@ class TrainRun:
         gen = torch.Generator().manual_seed(cfg.seed)
         tokens = torch.randint(cfg.vocab_size, (cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1),
                                generator=gen).to(device)
-        self.batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+        self.batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]  # nanoGPT .view()s them
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.attention = self.attention_backend()
         self.forward: torch.nn.Module = self.model

@@ -67,7 +67,10 @@ class Muon(torch.optim.Optimizer):
                     by_shape[p.shape].append(p)
             for (rows, cols), params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
                 g = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs

@@ -81,9 +81,13 @@ def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
         assert row["tokens_per_step"] == 2 * 16
         assert row["tokens_per_s"] == pytest.approx(32 / (row["ms_per_step"] / 1e3))
         assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / res["peaks"]["peak_flops"])
+        # the forward-backward and the optimizer step, timed apart
+        assert row["forward_backward_ms"] > 0 and row["optimizer_ms"] > 0
+        assert row["optimizer_share"] == pytest.approx(row["optimizer_ms"] / (row["optimizer_ms"] + row["forward_backward_ms"]))
     assert res["ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"])
     s = res["sampling"]
     assert s["identical"] and s["new_tokens"] == 40 and s["speedup"] > 0
+    assert s["check"] == "identical tokens" and s["ok"] and s["max_logit_error"] < 1e-5
     assert res["data_ms_per_batch"] is None  # no prepared data in data_dir: nothing to time
     assert res["config"]["vocab_size"] == 104
 
@@ -94,3 +98,59 @@ def test_bad_options_are_one_clear_error() -> None:
         r = subprocess.run([sys.executable, "bench.py", bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2
         assert r.stderr.startswith("error: ") and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# A stand-in for nanoGPT's model.py with its interface (GPTConfig fields, GPT(config), forward(idx, targets)
+# -> (logits, loss), configure_optimizers(weight_decay, learning_rate, betas, device_type)); the real file
+# comes from a nanoGPT checkout the user points --nanogpt at.
+NANOGPT_LIKE = """
+from dataclasses import dataclass
+import torch, torch.nn as nn, torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.mlp = nn.Sequential(*[nn.Linear(config.n_embd, config.n_embd, bias=config.bias) for _ in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        print("number of parameters: ...")
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.mlp(self.wte(idx)))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        print("using fused AdamW: False")
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+"""
+
+
+def test_nanogpt_checkout_is_timed_beside_bookgpt(tmp_path: Path) -> None:
+    (tmp_path / "nanoGPT").mkdir()
+    (tmp_path / "nanoGPT" / "model.py").write_text(NANOGPT_LIKE)
+    out = tmp_path / "bench.json"
+    args = [f"--{k}={v}" for k, v in {**TINY, "sample_tokens": 0}.items()]
+    r = subprocess.run([sys.executable, "bench.py", *args, f"--nanogpt={tmp_path / 'nanoGPT'}", f"--out={out}",
+                        f"--data_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    ours, theirs = res["train"]
+    assert (ours["name"], theirs["name"]) == ("bookgpt", "nanogpt")
+    assert theirs["dtype"] == "float32"  # nanoGPT's train.py uses no autocast on a CPU
+    # its FLOPs counted the same way as ours: 6 per Linear weight (1 layer of 16 x 16 + the head), attention
+    assert theirs["flops_per_token"] == 6 * (16 * 16 + 16 * 104) + 12 * 1 * 16 * 16
+    assert res["ratio_nanogpt"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert "bookgpt / nanoGPT:" in r.stdout
+    r = subprocess.run([sys.executable, "bench.py", f"--nanogpt={tmp_path / 'nowhere'}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: no nanoGPT model.py in {tmp_path / 'nowhere'}")
