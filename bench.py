@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import CompiledWithFallback, autocast, resolve_device, resolve_dtype, sync
+from common import CompiledWithFallback, autocast, native_bf16, resolve_device, resolve_dtype, sync
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig, training_flops
 from optim import make_optimizers, optimizer_step
@@ -124,8 +124,9 @@ def device_peaks(cfg: BenchConfig, device: str) -> dict[str, Any]:
     """Measured bf16 and fp32 matmul peaks, and the peak MFU is taken against (in FLOP/s)."""
     n = cfg.peak_size or (8192 if device.startswith("cuda") else 2048)
     peaks: dict[str, Any] = {"matmul_size": n}
+    cpu_bf16 = device != "cpu" or native_bf16("cpu")  # emulated bf16: a 2048^3 product takes a minute
     for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        peaks[f"measured_{name}_flops"] = matmul_peak(dt, n, device)
+        peaks[f"measured_{name}_flops"] = matmul_peak(dt, n if name == "float32" or cpu_bf16 else min(n, 256), device)
     if cfg.peak_tflops > 0:
         peaks.update(peak_flops=cfg.peak_tflops * 1e12, source="--peak_tflops")
     elif device.startswith("cuda"):
@@ -133,8 +134,10 @@ def device_peaks(cfg: BenchConfig, device: str) -> dict[str, Any]:
         tf = gpu_peak_tflops(gpu)
         peaks.update(peak_flops=tf * 1e12 if tf else None,
                      source=f"datasheet bf16 ({gpu})" if tf else f"unknown GPU {gpu}: pass --peak_tflops")
-    else:  # a CPU has no datasheet figure worth trusting: its best bf16 product, measured here
+    elif cpu_bf16:  # a CPU has no datasheet figure worth trusting: its best bf16 product, measured here
         peaks.update(peak_flops=peaks["measured_bfloat16_flops"], source=f"measured bf16 matmul {n}^3")
+    else:  # no bf16 units: float32 is this CPU's fastest precision (and what dtype=auto picks)
+        peaks.update(peak_flops=peaks["measured_float32_flops"], source=f"measured fp32 matmul {n}^3 (no bf16 units)")
     return peaks
 
 

@@ -499,8 +499,9 @@ class Trainer:
         self.loader = Loader(self.batches["train"], self.gen)  # after resume: where the saved stream stands
 
         self.model: torch.nn.Module = self.raw_model
-        if cfg.compile:
-            self.model = CompiledWithFallback(self.model)
+        self.compiled = CompiledWithFallback(self.raw_model) if cfg.compile else None
+        if self.compiled is not None:
+            self.model = self.compiled
         self.ddp = None
         if d.world > 1:  # the rope tables are constant buffers: nothing to broadcast every forward
             index = torch.device(self.device).index
@@ -697,8 +698,8 @@ class Trainer:
                    "best_val_bpb": bits_per_byte(state["best_val_loss"], self.meta["splits"]["val"]),
                    "best_iter": state["best_iter"], "tokens_seen": state["tokens_seen"],
                    "train_seconds": state["train_seconds"], "params": self.raw_model.num_params()}
-        if isinstance(self.model, CompiledWithFallback) and self.model.error:
-            summary["compile_error"] = self.model.error
+        if self.compiled is not None and self.compiled.error:
+            summary["compile_error"] = self.compiled.error
         if self.d.master:
             self.metrics.write(summary)
             print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
