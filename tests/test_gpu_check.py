@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -186,7 +187,8 @@ def test_stderr_tail_prefers_the_error_line_over_progress_bars() -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_gpu_check_passes_the_book_on() -> None:
-    r = subprocess.run(["make", "-n", "gpu-check", "BOOK=../shared/data/pg2600.txt", "PY=python3"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # under `make test`: not a sub-make
+    r = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "BOOK=../shared/data/pg2600.txt",
+                        "PY=python3"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "python3 gpu_check.py --input=../shared/data/pg2600.txt"
