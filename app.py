@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from checkpoint import FILES, checkpoint_path, load_for_inference
+from common import read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, cli, opt, parse_config
 from sample import DEFAULT_RUN, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
-from common import resolve_device, resolve_dtype
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).
@@ -65,18 +65,13 @@ def val_bpb(out_dir: Path) -> str:
                 f"{ev['run']['checkpoint']})")
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    evals, best = [], None
-    try:
-        for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "eval":
-                evals.append(rec["val_bpb"])
-            elif rec.get("kind") == "summary":
-                best = rec["best_val_bpb"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    records, _ = read_metrics(out_dir / "metrics.jsonl")
+    if not records:
         return "unknown (no readable eval.json or metrics.jsonl)"
-    best = min(evals, default=None) if best is None else best
-    if best is None:
+    summary = records_of(records, "summary")
+    evals = [r["val_bpb"] for r in records_of(records, "eval") if isinstance(r.get("val_bpb"), (int, float))]
+    best = summary[-1].get("best_val_bpb") if summary else min(evals, default=None)
+    if not isinstance(best, (int, float)):
         return "unknown (not evaluated yet)"
     return f"{best:.4f} (training's estimate on val batches; evaluate.py gives the full pass)"
 

@@ -55,8 +55,8 @@ CHAR_VOCAB = 104  # War and Peace's distinct characters: the vocabulary when no 
 
 @dataclass
 class BenchConfig(TrainConfig):
-    """Every training key (so train.py's config files work here) plus the benchmark's own."""
-    vocab_size: int = opt(0, "vocabulary size (0 = from data_dir/meta.json, else War and Peace's 104 characters)")
+    """Every training key (so train.py's config files work here) plus the benchmark's own. vocab_size 0
+    is the prepared data's (data_dir/meta.json), or War and Peace's 104 characters when there is none."""
     warmup_steps: int = opt(3, "untimed steps first (the first one compiles when compile=true)")
     steps: int = opt(10, "timed training steps per configuration")
     sync_every: int = opt(0, "steps per timed sample, waiting for the device only around them (0 = 1 on a CPU, "
@@ -77,7 +77,7 @@ def check(cfg: BenchConfig) -> None:
     for key in ("steps", "sample_prompt"):
         if getattr(cfg, key) < 1:
             raise UserError(f"'{key}' must be at least 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "sample_tokens", "peak_size", "vocab_size", "sync_every"):
+    for key in ("warmup_steps", "sample_tokens", "peak_size", "sync_every"):
         if getattr(cfg, key) < 0:
             raise UserError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.peak_tflops < 0:

@@ -137,3 +137,42 @@ def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "
     info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}
     info.update(meta=meta, path=str(path), tokenizer=tokenizer_from_meta(meta, out_dir))
     return model, info
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+def data_difference(saved: dict[str, Any], meta: dict[str, Any]) -> str:
+    """'' when `meta` (a prepared folder's meta.json) describes the data a checkpoint was trained on,
+    whose meta.json it saved: the same cleaned text, tokenizer, vocabulary and split points. Else
+    what differs, in words. Held-out text must be the text the run held out, and a resumed or
+    distilled run must read the tokens it learned; keys an older checkpoint lacks are not compared."""
+    kinds = saved.get("tokenizer", {}).get("kind"), meta.get("tokenizer", {}).get("kind")
+    if saved.get("vocab_size") != meta.get("vocab_size"):
+        return f"vocab {saved.get('vocab_size')} vs {meta.get('vocab_size')}"
+    if kinds[0] != kinds[1]:
+        return f"tokenizer {kinds[0]} vs {kinds[1]}"
+    if "sha256_clean" in saved and saved["sha256_clean"] != meta.get("sha256_clean"):
+        return "another text: its sha256 differs"
+    if "fractions" in saved and saved["fractions"] != meta.get("fractions"):
+        return f"split fractions {saved['fractions']} vs {meta.get('fractions')}"
+    return ""
+
+
+def check_resumable(ckpt: dict[str, Any], model_cfg: GPTConfig, meta: dict[str, Any], path: Path,
+                    optimizer: str = "adamw") -> None:
+    """Refuse, in one line, to resume a checkpoint on other data, with another model or optimizer."""
+    # the data first: another data_dir also changes vocab_size, and "pass the run's --data_dir" is the fix
+    diff = data_difference(ckpt["meta"], meta)
+    if diff:
+        raise UserError(f"cannot resume from {path}: it was trained on other data than {meta.get('source', 'data_dir')} "
+                        f"({diff}); pass the run's --data_dir")
+    saved = ckpt["model_config"]
+    changed = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
+    if changed:
+        pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(model_cfg, k)!r}" for k in changed)
+        raise UserError(f"cannot resume from {path}: the model differs ({pairs}); use the run's config "
+                        f"(out_dir/config.json) or a new out_dir")
+    was = ckpt.get("config", {}).get("optimizer", "adamw")
+    if was != optimizer:
+        raise UserError(f"cannot resume from {path}: it was trained with optimizer={was}, not {optimizer}; "
+                        f"pass --optimizer={was} or start a new out_dir")

@@ -1,5 +1,6 @@
-"""What every stage shares about the machine: the device, the precision, autocast, waiting for
-queued GPU work, the device's random state, torch.compile with a fallback, and bits per byte.
+"""What every stage shares: about the machine, the device, the precision, autocast, waiting for
+queued GPU work, the device's random state and torch.compile with a fallback; and bits per byte and
+the one reader of a run's metrics.jsonl.
 
 Read torch's sources before trusting a GPU path you cannot run: each helper here says which
 behaviour of torch it works around, so the scripts above it need not know.
@@ -7,7 +8,9 @@ behaviour of torch it works around, so the scripts above it need not know.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -174,8 +177,35 @@ def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
     return config.patch(force_non_lazy_backward_lowering=True)
 
 
-# ----------------------------------------------------------------------------- units
+# ----------------------------------------------------------------------------- units and run files
 
 def bits_per_byte(loss_nats: float, split: dict[str, int]) -> float:
     """Mean nats per token -> bits per UTF-8 byte of the text those tokens encode."""
     return loss_nats / math.log(2) * split["tokens"] / split["bytes"]
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """A run's metrics.jsonl (train.py writes it): its records in file order, each a JSON object
+    with a "kind" ("train", "eval", "teacher", "summary") and an integer "iter", and how many lines
+    were skipped: a kill or a full disk in the middle of an append leaves a partial last line. A
+    missing file has no records."""
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    records, skipped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            skipped += bool(line.strip())
+            continue
+        if isinstance(r, dict) and isinstance(r.get("kind"), str) and isinstance(r.get("iter"), int):
+            records.append(r)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+def records_of(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The records of one kind, by step."""
+    return sorted((r for r in records if r["kind"] == kind), key=lambda r: r["iter"])

@@ -162,9 +162,10 @@ def format_help(cls: type, prog: str, doc: str = "") -> str:
     if doc:
         lines += [doc.strip(), ""]
     types = _fields(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  --{f.name}={default!r:<12} ({_type_name(types[f.name])}) {f.metadata.get('help', '')}")
+    keys = [(f"--{f.name}={f.default!r}", f) for f in dataclasses.fields(cls)]
+    width = min(max(len(k) for k, _ in keys), 36)
+    for key, f in keys:
+        lines.append(f"  {key:<{width}} ({_type_name(types[f.name])}) {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

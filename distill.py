@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_path, data_difference, load_checkpoint, model_from_checkpoint
 from config import UserError
 
 
@@ -26,9 +26,9 @@ class Teacher(torch.nn.Module):
         for run in runs:
             path = checkpoint_path(run, "best")
             ckpt = load_checkpoint(path)
-            if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-                raise UserError(f"cannot distil from {path}: it was trained on other data (vocab "
-                                f"{ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); teachers need the student's data_dir")
+            if diff := data_difference(ckpt["meta"], meta):
+                raise UserError(f"cannot distil from {path}: it was trained on other data ({diff}); "
+                                f"teachers need the student's data_dir")
             if ckpt["model_config"]["block_size"] < block_size:
                 raise UserError(f"cannot distil from {path}: its block_size {ckpt['model_config']['block_size']} is "
                                 f"shorter than the student's {block_size}; use a teacher with at least that context")

@@ -7,30 +7,23 @@
    of context except at the very start. Reported as nats/token, perplexity, bits per character and
    bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
    --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads).
-2. Baselines on the same split, fitted on the train split: a byte unigram, byte-level interpolated
-   Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
+2. Baselines on the same split, fitted on the train split (baselines.py): a byte unigram, byte-level
+   interpolated Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
 3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
-   longest span found verbatim in the training text) and style (distances to the book's statistics),
-   beside the same figures for the real continuation of the same prompts.
+   longest span found verbatim in the training text) and style (distances to the book's statistics;
+   both in textstats.py), beside the same figures for the real continuation of the same prompts.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
 Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically.
 """
 from __future__ import annotations
 
-import bz2
 import copy
-import hashlib
 import io
-import json
-import lzma
 import math
 import random
-import re
 import sys
 import time
-import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,14 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_for_inference
+from baselines import baseline_label, cached_baselines
+from checkpoint import data_difference, load_for_inference
+from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
-from tokenizer import read_meta
 from sample import DEFAULT_RUN, TEMPERATURE, TOP_K, TOP_P, check_sampling
-from common import autocast, resolve_device, resolve_dtype
-
-LN2 = math.log(2)
-
+from textstats import NAMES, TrainIndex, memorisation, style_distance, style_stats
+from tokenizer import read_meta
 
 @dataclass
 class EvalConfig:
@@ -153,364 +145,14 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
 
 def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
     """Everything users quote, from one total: per token, per byte (the headline) and per character."""
-    bits = total_nats / LN2
     loss = total_nats / n_tokens
-    return {"bpb": bits / n_bytes, "loss": loss, "ppl": math.exp(loss), "bits_per_token": bits / n_tokens,
-            "bpc": bits / n_chars, "ppl_char": math.exp(total_nats / n_chars),
+    return {"bpb": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_bytes}), "loss": loss, "ppl": math.exp(loss),
+            "bits_per_token": loss / math.log(2), "bpc": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_chars}),
+            "ppl_char": math.exp(total_nats / n_chars),
             "tokens": n_tokens, "bytes": n_bytes, "chars": n_chars}
 
 
-# ============================================================================ 2. baselines
-
-def unigram_bpb(train: bytes, heldout: bytes) -> float:
-    """Order-0 byte model with add-one smoothing: what byte frequencies alone are worth."""
-    counts = np.bincount(np.frombuffer(train, dtype=np.uint8), minlength=256) + 1.0
-    logp = np.log2(counts / counts.sum())
-    return float(-logp[np.frombuffer(heldout, dtype=np.uint8)].sum() / len(heldout))
-
-
-def ngram_keys(data: np.ndarray, n: int) -> np.ndarray:
-    """Every n-gram of a byte array packed exactly into a uint64 (n <= 8), newest byte lowest.
-
-    key >> 8 is then the n-gram's context, key & (2**(8(n-1)) - 1) its suffix one byte shorter."""
-    keys = np.zeros(max(len(data) - n + 1, 0), dtype=np.uint64)
-    if len(keys) == 0:
-        return keys
-    for j in range(n):  # byte j places back from the newest
-        keys |= data[n - 1 - j:len(data) - j].astype(np.uint64) << np.uint64(8 * j)
-    return keys
-
-
-def kn_discounts(counts: np.ndarray, modified: bool) -> np.ndarray:
-    """Discount for an n-gram seen c times is D[min(c, 3)]. Interpolated KN: 0.75 throughout,
-    the textbook value (our estimate of D from counts of counts scores worse on this book).
-    Modified KN (Chen & Goodman): D1, D2, D3+ estimated from how many n-grams occur 1..4 times."""
-    d = np.array([0.0, 0.75, 0.75, 0.75])
-    if modified:
-        n1, n2, n3, n4 = (int((counts == c).sum()) for c in (1, 2, 3, 4))
-        if min(n1, n2, n3, n4) > 0:
-            y = n1 / (n1 + 2 * n2)
-            est = np.array([0.0, 1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3])
-            d = np.where((est > 0) & (est < [1, 1, 2, 3]), est, d)
-    return d
-
-
-@dataclass
-class KNLevel:
-    """One order's table: sorted n-gram keys with their (continuation) counts, and per context
-    the total count and the probability mass freed by discounting (given to the lower order)."""
-    keys: np.ndarray
-    counts: np.ndarray
-    contexts: np.ndarray
-    context_total: np.ndarray
-    context_backoff: np.ndarray
-    discounts: np.ndarray
-
-    @classmethod
-    def build(cls, keys: np.ndarray, counts: np.ndarray, modified: bool) -> "KNLevel":
-        d = kn_discounts(counts, modified)
-        # keys are sorted and the context is their high bits, so each context is one contiguous run
-        contexts, first = np.unique(keys >> np.uint64(8), return_index=True)
-        return cls(keys, counts, contexts, np.add.reduceat(counts, first),
-                   np.add.reduceat(d[np.minimum(counts, 3)], first), d)
-
-
-def kn_levels(train: bytes, order: int, modified: bool = False) -> list[KNLevel]:
-    """Tables for orders 1..order. The top order counts n-grams; each lower order counts, for
-    each n-gram, how many distinct bytes precede it (Kneser-Ney's continuation counts), which
-    is why a word part seen in only one context gets little weight on its own."""
-    if not 1 <= order <= 8:
-        raise ValueError(f"n-gram order must be 1..8 (8 bytes fill a uint64), got {order}")
-    data = np.frombuffer(train, dtype=np.uint8)
-    levels = [KNLevel.build(*np.unique(ngram_keys(data, order), return_counts=True), modified)]
-    for n in range(order - 1, 0, -1):
-        distinct_longer = levels[0].keys if n == order - 1 else np.unique(ngram_keys(data, n + 1))
-        suffixes = distinct_longer & np.uint64((1 << (8 * n)) - 1)
-        levels.insert(0, KNLevel.build(*np.unique(suffixes, return_counts=True), modified))
-    return levels
-
-
-def _find(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of each query in sorted_keys and whether it is there."""
-    if len(sorted_keys) == 0:
-        return np.zeros(len(queries), dtype=np.int64), np.zeros(len(queries), dtype=bool)
-    i = np.minimum(np.searchsorted(sorted_keys, queries), len(sorted_keys) - 1)
-    return i, sorted_keys[i] == queries
-
-
-def kn_probs(levels: list[KNLevel], heldout: bytes) -> np.ndarray:
-    """P(byte_i | up to order-1 previous bytes) for every byte of `heldout`, interpolated KN:
-
-        p_n(w | h) = (max(c(hw) - D(c(hw)), 0) + backoff(h) * p_{n-1}(w | h')) / c(h)
-
-    starting from the uniform 1/256; an unseen context h leaves p_{n-1} as it is. The first
-    bytes, with less context than the order, use the orders their context allows."""
-    data = np.frombuffer(heldout, dtype=np.uint8)
-    p = np.full(len(data), 1 / 256)
-    for n, lv in enumerate(levels, start=1):
-        keys = ngram_keys(data, n)
-        lower = p[n - 1:]
-        ci, seen_context = _find(lv.contexts, keys >> np.uint64(8))
-        ki, seen = _find(lv.keys, keys)
-        c = np.where(seen, lv.counts[ki], 0)
-        kept = np.maximum(c - lv.discounts[np.minimum(c, 3)], 0)
-        mixed = (kept + lv.context_backoff[ci] * lower) / np.where(seen_context, lv.context_total[ci], 1)
-        p[n - 1:] = np.where(seen_context, mixed, lower)
-    return p
-
-
-def ngram_kn_bpb(train: bytes, heldout: bytes, order: int, modified: bool = False) -> float:
-    """Bits per byte of `heldout` under a byte-level interpolated Kneser-Ney model fitted on `train`."""
-    return float(-np.log2(kn_probs(kn_levels(train, order, modified), heldout)).sum() / len(heldout))
-
-
-COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
-    "zlib": lambda b: zlib.compress(b, 9),
-    "bz2": lambda b: bz2.compress(b, 9),
-    "xz": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
-}
-
-
-def compressor_bpb(train: bytes, heldout: bytes, name: str) -> float:
-    """Bits the compressor spends on `heldout` after having seen `train`: the growth of the
-    compressed size when heldout is appended, per byte of heldout. (zlib's 32 KB window sees
-    little of train; bz2 works in 900 KB blocks; xz's dictionary holds all of it.)"""
-    compress = COMPRESSORS[name]
-    return (len(compress(train + heldout)) - len(compress(train))) * 8 / len(heldout)
-
-
-BASELINE_LABELS = {"unigram": "byte unigram (add-one)", "zlib": "zlib -9", "bz2": "bz2 -9", "xz": "xz -9e"}
-
-
-def baseline_label(name: str) -> str:
-    if name.startswith("mkn"):
-        return f"modified Kneser-Ney, order {name[3:]}"
-    if name.startswith("kn"):
-        return f"Kneser-Ney, order {name[2:]}"
-    return BASELINE_LABELS.get(name, name)
-
-
-def compute_baselines(train: bytes, heldout: bytes, max_order: int = 8, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """{name: {"bpb": ..., "seconds": ...}} for the unigram, KN orders 2..max_order, modified KN
-    at max_order (the strongest n-gram here) and the compressors; each timed on its own."""
-    jobs: list[tuple[str, Callable[[], float]]] = [("unigram", lambda: unigram_bpb(train, heldout))]
-    jobs += [(f"kn{n}", lambda n=n: ngram_kn_bpb(train, heldout, n)) for n in range(2, max_order + 1)]
-    jobs += [(f"mkn{max_order}", lambda: ngram_kn_bpb(train, heldout, max_order, modified=True))]
-    jobs += [(name, lambda name=name: compressor_bpb(train, heldout, name)) for name in COMPRESSORS]
-    out = {}
-    for name, job in jobs:
-        t0 = time.perf_counter()
-        bpb = job()
-        out[name] = {"bpb": bpb, "seconds": time.perf_counter() - t0}
-        log(f"  {baseline_label(name):<32} {bpb:.4f} bpb  ({out[name]['seconds']:.1f} s)")
-    return out
-
-
-def cached_baselines(data_dir: Path, split: str, train: bytes, heldout: bytes, meta: dict[str, Any],
-                     max_order: int = 8, log: Callable[[str], None] = print) -> tuple[dict[str, dict], bool]:
-    """Baselines from <data_dir>/baselines_<split>.json when it was made from these very texts,
-    else computed and saved there. Returns (results, came_from_cache)."""
-    key = {"version": 1, "split": split, "sha256_clean": meta.get("sha256_clean"), "max_order": max_order,
-           "sha256_train": hashlib.sha256(train).hexdigest(), "sha256_heldout": hashlib.sha256(heldout).hexdigest()}
-    path = Path(data_dir) / f"baselines_{split}.json"
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            return cached["results"], True
-    except (OSError, ValueError, AttributeError):
-        pass  # missing or unreadable: compute again
-    results = compute_baselines(train, heldout, max_order, log)
-    try:
-        atomic_write_json(path, {"key": key, "results": results})
-    except OSError as e:
-        log(f"warning: could not cache baselines in {path}: {e.strerror or e}")
-    return results, False
-
-
-# ============================================================================ 3. memorisation
-
-WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes (don’t)
-_BASE = 0x9E3779B97F4A7C15  # odd, so it is invertible mod 2**64
-_BASE_INV = pow(_BASE, -1, 1 << 64)
-
-
-def _powers(base: int, n: int) -> np.ndarray:
-    """base**0 .. base**(n-1) mod 2**64 (numpy's uint64 products wrap, which is what we want)."""
-    out = np.empty(n, dtype=np.uint64)
-    if n:
-        out[0] = 1
-        out[1:] = np.cumprod(np.full(n - 1, base, dtype=np.uint64))
-    return out
-
-
-class RollingHash:
-    """Polynomial hashes mod 2**64 of every length-n window of a sequence, for any n, from one
-    prefix sum: hash(i, n) = (G[i+n] - G[i]) * B**(i+n-1) with G[k] = sum_{j<k} x_j * B**-j.
-    Equal windows get equal hashes wherever they are; two different windows collide with chance
-    about 2**-64 per pair, so a false match over a report's texts is a ~1e-9 event."""
-
-    def __init__(self, symbols: np.ndarray) -> None:
-        x = symbols.astype(np.uint64) + np.uint64(1)  # no zero symbols
-        with np.errstate(over="ignore"):
-            self.prefix = np.concatenate([[np.uint64(0)], np.cumsum(x * _powers(_BASE_INV, len(x)), dtype=np.uint64)])
-        self.pow = _powers(_BASE, len(x))
-        self.size = len(x)
-
-    def windows(self, n: int) -> np.ndarray:
-        if n > self.size:
-            return np.zeros(0, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            return (self.prefix[n:] - self.prefix[:-n]) * self.pow[n - 1:]
-
-
-def code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-
-
-class TrainIndex:
-    """The training text, ready for 'does this string / word sequence occur in it?' questions."""
-
-    def __init__(self, text: str) -> None:
-        self.chars = RollingHash(code_points(text))
-        words = WORD_RE.findall(text)
-        self.word_id = {w: i for i, w in enumerate(dict.fromkeys(words), start=1)}  # 0 = not in train
-        self.words = RollingHash(np.array([self.word_id[w] for w in words], dtype=np.int64))
-        self.vocab_lower = {w.lower() for w in self.word_id}
-        self._tables: dict[tuple[str, int], np.ndarray] = {}
-
-    def table(self, kind: str, n: int) -> np.ndarray:
-        """Sorted hashes of every char (kind='char') or word n-gram of the train text; the last few kept."""
-        if (kind, n) not in self._tables:
-            if len(self._tables) > 4:
-                self._tables.pop(next(iter(self._tables)))
-            self._tables[(kind, n)] = np.sort((self.chars if kind == "char" else self.words).windows(n))
-        return self._tables[(kind, n)]
-
-    def word_ids(self, text: str) -> np.ndarray:
-        return np.array([self.word_id.get(w, 0) for w in WORD_RE.findall(text)], dtype=np.int64)
-
-    def found(self, text: str, kind: str, n: int) -> np.ndarray:
-        """For each char/word n-gram of `text`, whether it occurs verbatim in train."""
-        if kind == "char":
-            hashes = RollingHash(code_points(text)).windows(n)
-        else:
-            ids = self.word_ids(text)
-            hashes = RollingHash(ids).windows(n)
-        found = _find(self.table(kind, n), hashes)[1]
-        if kind == "word" and len(found):  # a word never seen in train cannot be part of a verbatim match
-            found &= np.convolve(ids == 0, np.ones(n, dtype=int), mode="valid") == 0
-        return found
-
-    def longest_spans(self, texts: list[str]) -> list[str]:
-        """For each text, its longest substring that occurs verbatim in train.
-
-        "Some substring of length L occurs in train" is monotone in L, so each text is a binary
-        search over L; the texts search together, so one pass over train answers all that probe the same L."""
-        lo = [0] * len(texts)                # a span this long is known to occur
-        hi = [len(t) + 1 for t in texts]     # a span this long is known not to
-        where = [0] * len(texts)
-        while any(h - l > 1 for l, h in zip(lo, hi)):
-            probes: dict[int, list[int]] = {}
-            for i, (l, h) in enumerate(zip(lo, hi)):
-                if h - l > 1:
-                    probes.setdefault((l + h) // 2, []).append(i)
-            for n, members in probes.items():
-                for i in members:
-                    hits = np.flatnonzero(self.found(texts[i], "char", n))
-                    if len(hits):
-                        lo[i], where[i] = n, int(hits[0])
-                    else:
-                        hi[i] = n
-        return [t[w:w + n] for t, w, n in zip(texts, where, lo)]
-
-
-def memorisation(index: TrainIndex, texts: list[str], char_n: int = 30, word_n: int = 8) -> dict[str, Any]:
-    """How much of `texts` is copied from train: the share of their char `char_n`-grams and word
-    `word_n`-grams found verbatim there (pooled over texts), and the longest verbatim spans."""
-    char_hits = [index.found(t, "char", char_n) for t in texts]
-    word_hits = [index.found(t, "word", word_n) for t in texts]
-    spans = index.longest_spans(texts)
-    n_char, n_word = sum(len(h) for h in char_hits), sum(len(h) for h in word_hits)
-    char_found = int(sum(h.sum() for h in char_hits))
-    longest = max(spans, key=len) if spans else ""
-    return {f"char{char_n}_share": char_found / n_char if n_char else 0.0, f"char{char_n}_found": char_found,
-            f"word{word_n}_share": float(sum(h.sum() for h in word_hits) / n_word) if n_word else 0.0,
-            "char_ngrams": n_char, "word_ngrams": n_word,
-            "longest_span": len(longest), "longest_span_mean": float(np.mean([len(s) for s in spans])) if spans else 0.0,
-            "longest_span_text": longest, "longest_spans": [len(s) for s in spans]}
-
-
-# ============================================================================ 3b. style
-
-# The main characters as this translation (Maude) spells them, accents included.
-NAMES = ("Pierre", "Natásha", "Andrew", "Nicholas", "Mary", "Sónya", "Rostóv", "Kutúzov", "Napoleon",
-         "Denísov", "Dólokhov", "Borís", "Hélène", "Pétya")
-PUNCT = ",.;:!?—"
-QUOTES = "“”\"‘"
-WORD_LEN_BINS = 13   # 1..12 letters, 13+
-SENT_LEN_BINS = 11   # 1-5, 6-10, ..., 46-50, 51+ words
-SENTENCE_END = re.compile(r"[.!?]+[”’\"]?(?=\s|$)")
-DIALOGUE = re.compile(r"“[^“”]*”|\"[^\"]*\"")
-
-
-def _hist(values: Sequence[int], bins: int, width: int = 1) -> np.ndarray:
-    h = np.bincount(np.minimum((np.asarray(values, dtype=np.int64) - 1) // width, bins - 1), minlength=bins)
-    return h / max(h.sum(), 1)
-
-
-def tvd(p: Sequence[float], q: Sequence[float]) -> float:
-    """Total variation distance between two distributions: 0 identical, 1 disjoint."""
-    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
-
-
-def distinct_n(words: list[str], n: int) -> float:
-    grams = list(zip(*(words[i:] for i in range(n))))
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def style_stats(texts: list[str], vocab_lower: set[str] | None = None) -> dict[str, Any]:
-    """Style statistics of some text, pooled over `texts` (each a separate piece: sentences and
-    n-grams do not run across them). vocab_lower: the book's words, to count unknown ones."""
-    words = [w for t in texts for w in WORD_RE.findall(t)]
-    sentences = [len(WORD_RE.findall(s)) for t in texts for s in SENTENCE_END.split(t)]
-    sentences = [n for n in sentences if n > 0]
-    chars = sum(len(t) for t in texts)
-    kchars, kwords = max(chars, 1) / 1000, max(len(words), 1) / 1000
-    counts = Counter(c for t in texts for c in t if c in PUNCT or c in QUOTES)
-    names = Counter(w for w in words if w in NAMES)
-    per_text = [WORD_RE.findall(t) for t in texts]
-    return {
-        "chars": chars, "words": len(words), "sentences": len(sentences),
-        "mean_word_len": float(np.mean([len(w) for w in words])) if words else 0.0,
-        "mean_sentence_len": float(np.mean(sentences)) if sentences else 0.0,
-        "word_len_hist": _hist([len(w) for w in words], WORD_LEN_BINS).tolist(),
-        "sentence_len_hist": _hist(sentences, SENT_LEN_BINS, width=5).tolist(),
-        "punct_per_kchar": {c: counts[c] / kchars for c in PUNCT},
-        "quotes_per_kchar": sum(counts[c] for c in QUOTES) / kchars,
-        "dialogue_share": sum(len(m) for t in texts for m in DIALOGUE.findall(t)) / max(chars, 1),
-        "unknown_word_share": (sum(w.lower() not in vocab_lower for w in words) / max(len(words), 1)
-                               if vocab_lower is not None else 0.0),
-        "distinct": {str(n): float(np.mean([distinct_n(w, n) for w in per_text])) if texts else 0.0 for n in (1, 2, 3)},
-        "names_per_kword": {n: names[n] / kwords for n in NAMES},
-    }
-
-
-def style_distance(stats: dict[str, Any], book: dict[str, Any]) -> dict[str, float]:
-    """How far a text's statistics are from the book's (0 = the same)."""
-    punct = tvd(_normalise(stats["punct_per_kchar"]), _normalise(book["punct_per_kchar"]))
-    return {"word_len_tvd": tvd(stats["word_len_hist"], book["word_len_hist"]),
-            "sentence_len_tvd": tvd(stats["sentence_len_hist"], book["sentence_len_hist"]),
-            "punct_mix_tvd": punct,
-            "punct_rate_ratio": sum(stats["punct_per_kchar"].values()) / max(sum(book["punct_per_kchar"].values()), 1e-9),
-            "names_rate_ratio": sum(stats["names_per_kword"].values()) / max(sum(book["names_per_kword"].values()), 1e-9)}
-
-
-def _normalise(d: dict[str, float]) -> list[float]:
-    total = sum(d.values()) or 1.0
-    return [v / total for v in d.values()]
-
-
-# ============================================================================ 3c. generation
+# ============================================================================ 2. generation
 
 def pick_prompts(text: str, num: int, prompt_chars: int, room: int, seed: int) -> list[int]:
     """Start offsets of `num` prompts, one drawn at random from each of `num` equal stretches of
@@ -547,24 +189,7 @@ def generate_continuations(model: torch.nn.Module, tokenizer: Any, prompts: list
     return [tokenizer.decode(r[:keep]) for r in rows], [tokenizer.decode(r[keep:]) for r in rows]
 
 
-# ============================================================================ 4. curves
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) from metrics.jsonl; unreadable lines are skipped."""
-    train, evals = [], []
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and r.get("kind") == "train" and "loss" in r:
-            train.append(r)
-        elif isinstance(r, dict) and r.get("kind") == "eval" and "val_loss" in r:
-            evals.append(r)
-    return sorted(train, key=lambda r: r["iter"]), sorted(evals, key=lambda r: r["iter"])
-
+# ============================================================================ 3. curves
 
 def overfitting_summary(evals: list[dict]) -> dict[str, Any]:
     """Where val stopped improving and how far it and the train/val gap moved afterwards."""
@@ -801,10 +426,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     meta = read_meta(data_dir)
     trained = info["meta"]
     # the same text, tokenizer and split points, or "held-out" text could be text it trained on
-    same = ("sha256_clean", "vocab_size", "fractions")
-    if any(meta.get(k) != trained.get(k) for k in same) or meta["tokenizer"].get("kind") != trained["tokenizer"].get("kind"):
-        raise UserError(f"{data_dir} holds other data, splits or another tokenizer than {out_dir} was trained on; "
-                        f"pass that run's --data_dir")
+    if diff := data_difference(trained, meta):
+        raise UserError(f"{data_dir} holds other data than {out_dir} was trained on ({diff}); pass that run's --data_dir")
 
     # -- 1. likelihood: one full pass
     block_size = model.config.block_size
@@ -872,7 +495,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         timings["memorisation and style"] = time.perf_counter() - t0
 
     # -- 4. curves
-    train_rows, eval_rows = read_metrics(out_dir / "metrics.jsonl")
+    records, _ = read_metrics(out_dir / "metrics.jsonl")
+    train_rows, eval_rows = records_of(records, "train"), records_of(records, "eval")
     curves = overfitting_summary(eval_rows)
 
     timings["total"] = time.perf_counter() - t_start

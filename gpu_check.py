@@ -257,7 +257,7 @@ def cpu_fp16_problem() -> str:
 def check_train(c: Checker, dtype: str) -> str:
     """An unbroken run, and one stopped by SIGTERM halfway then resumed: the same losses after the resume."""
     from checkpoint import load_checkpoint
-    from evaluate import read_metrics
+    from common import read_metrics, records_of
     name, steps = f"train_{dtype}", c.cfg.steps
     extra = {"dtype": "float16"} if dtype == "fp16" else {"dtype": "bfloat16"} if c.gpu else {}  # CPU: float32
     if dtype == "fp16" and not c.gpu and (why := cpu_fp16_problem()):
@@ -274,7 +274,7 @@ def check_train(c: Checker, dtype: str) -> str:
     started = time.monotonic()
     while p.poll() is None and time.monotonic() < started + c.cfg.timeout:
         # SIGTERM once half the run is logged: train.py finishes the step, saves ckpt.pt and exits 0
-        if any(r["iter"] >= steps // 2 for r in read_metrics(resumed / "metrics.jsonl")[0]):
+        if any(r["iter"] >= steps // 2 for r in records_of(read_metrics(resumed / "metrics.jsonl")[0], "train")):
             p.send_signal(signal.SIGTERM)
             c.commands[-1] += f"   # SIGTERM once step {steps // 2} is logged"
             break
@@ -290,7 +290,8 @@ def check_train(c: Checker, dtype: str) -> str:
     final = load_checkpoint(resumed / "ckpt.pt")["iter_num"]
     if final != steps:
         raise Failed(f"the resumed run's ckpt.pt is at step {final}, not {steps}")
-    (train_a, eval_a), (train_b, eval_b) = (read_metrics(d / "metrics.jsonl") for d in (straight, resumed))
+    (train_a, eval_a), (train_b, eval_b) = ((records_of(r, "train"), records_of(r, "eval"))
+                                            for r, _ in (read_metrics(d / "metrics.jsonl") for d in (straight, resumed)))
     tol = GPU_TOLERANCE if c.gpu else 0.0
     cmp = compare_losses(train_a + eval_a, train_b + eval_b, at, tol)
     rule = f"within {tol:g} relative" if tol else "exactly equal"

@@ -13,10 +13,13 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import opt
 
 
 # Under bf16 autocast QK-norm normalises bf16 queries and keys with float32 gains: torch computes that
@@ -26,33 +29,46 @@ warnings.filterwarnings("ignore", message="Mismatch dtype between input and weig
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256       # longest context the model sees
-    vocab_size: int = 104
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = False          # biases in Linear layers and norms (GPT-2 had them)
-    pos_emb: str = "learned"    # "learned" absolute positions or "rope" (rotary)
-    norm: str = "layernorm"     # "layernorm" or "rmsnorm"
-    qk_norm: bool = False       # normalise queries and keys per head before attention
-    mlp: str = "gelu"           # "gelu", "relu2" (squared ReLU) or "swiglu"
-    mlp_ratio: float = 4.0      # hidden width / n_embd (swiglu uses 2/3 of it, same params)
-    tie_weights: bool = True    # output head shares the token embedding
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
-    rope_base: float = 10000.0
+    """The model's keys: the one place they are defined, given defaults and checked. train.py's
+    TrainConfig takes them from here, so they are train.py's command-line keys too."""
+    block_size: int = opt(256, "context length in tokens")
+    vocab_size: int = opt(0, "vocabulary size (0 = the data's, from data_dir/meta.json)")
+    n_layer: int = opt(6, "transformer blocks")
+    n_head: int = opt(6, "attention heads")
+    n_embd: int = opt(384, "embedding width")
+    dropout: float = opt(0.2, "dropout probability (attention, residual, embedding); none in eval mode")
+    bias: bool = opt(False, "biases in Linear layers and norms (GPT-2 had them)")
+    pos_emb: str = opt("learned", "learned (absolute positions) or rope (rotary)")
+    norm: str = opt("layernorm", "layernorm or rmsnorm")
+    qk_norm: bool = opt(False, "normalise queries and keys per head before attention")
+    mlp: str = opt("gelu", "gelu, relu2 (squared ReLU) or swiglu")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd (swiglu uses 2/3 of it: the same parameters)")
+    tie_weights: bool = opt(True, "tie the output head to the token embedding")
+    logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
+    rope_base: float = opt(10000.0, "base of the rotary frequencies (pos_emb=rope)")
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first key whose value cannot make a model."""
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"bad value for '{key}': {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        for key in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"'{key}' must be positive, got {getattr(self, key)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"'vocab_size' must be 0 (the data's) or more, got {self.vocab_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos_emb not in ("learned", "rope"):
-            raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
-        if self.mlp not in ("gelu", "relu2", "swiglu"):
-            raise ValueError(f"mlp must be 'gelu', 'relu2' or 'swiglu', not {self.mlp!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("rope needs an even head size (n_embd / n_head)")
+            raise ValueError(f"rope needs an even head size, n_embd / n_head = {self.n_embd // self.n_head}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -245,6 +261,8 @@ def training_flops(model: nn.Module, n_layer: int, n_embd: int, seq_len: int) ->
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("vocab_size must be set to the data's vocabulary size to build a model")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None

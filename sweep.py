@@ -45,6 +45,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from common import read_metrics
 from config import (UserError, apply_overrides, atomic_write_bytes, atomic_write_json, cli, load_toml, unknown_key,
                     config_dict, format_help, opt, read_toml, split_argv)
 from tokenizer import KINDS
@@ -255,22 +256,6 @@ def missing_data(sweep: Sweep) -> list[str]:
 
 # ----------------------------------------------------------------------------- a run's state on disk
 
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; a line cut short by a kill is skipped."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict):
-            records.append(r)
-    return records
-
-
 def finished_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The summary of a run that ended by itself (max_iters, max_minutes, early stop): not by a signal."""
     summaries = [r for r in records if r.get("kind") == "summary"]
@@ -281,7 +266,7 @@ def finished_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def run_state(out_dir: Path) -> str:
     """finished (skip), interrupted (resume from ckpt.pt) or new (start from scratch)."""
-    if finished_summary(read_metrics(out_dir)):
+    if finished_summary(read_metrics(out_dir / "metrics.jsonl")[0]):
         return "finished"
     if (out_dir / "ckpt.pt").is_file():
         return "interrupted"
@@ -428,7 +413,7 @@ STATUS_ORDER = {"finished": 0, "interrupted": 1, "timeout": 1, "failed": 2, "pen
 
 def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
     """One results row from the run's files: its summary when finished, its eval lines otherwise."""
-    records = read_metrics(run.out_dir)
+    records = read_metrics(run.out_dir / "metrics.jsonl")[0]
     rec = read_record(run.out_dir)
     row: dict[str, Any] = {"run": run.name}
     for k in sweep.keys:

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_state, resolve_device, resolve_dtype,
-                    set_device_rng_state)
+from checkpoint import check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
+from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_state, read_metrics, resolve_device,
+                    resolve_dtype, set_device_rng_state)
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from distill import Teacher, distill_loss
 from model import GPT, GPTConfig
@@ -39,25 +39,12 @@ from tokenizer import read_meta
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    """The model's keys (model.GPTConfig, listed first by --help), then these."""
     # where things are
     out_dir: str = opt("out/run", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_char", "folder written by prepare.py")
     init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt)")
-    # model (see model.GPTConfig)
-    block_size: int = opt(256, "context length in tokens")
-    n_layer: int = opt(6, "transformer blocks")
-    n_head: int = opt(6, "attention heads")
-    n_embd: int = opt(384, "embedding width")
-    dropout: float = opt(0.2, "dropout probability (attention, residual, embedding)")
-    bias: bool = opt(False, "biases in Linear layers and norms")
-    pos_emb: str = opt("learned", "learned or rope")
-    norm: str = opt("layernorm", "layernorm or rmsnorm")
-    qk_norm: bool = opt(False, "normalise queries and keys")
-    mlp: str = opt("gelu", "gelu, relu2 or swiglu")
-    mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd")
-    tie_weights: bool = opt(True, "tie output head to token embedding")
-    logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
     # batches
     batch_size: int = opt(32, "sequences per micro-batch per process")
     gradient_accumulation_steps: int = opt(1, "micro-batches per step, summed over all processes")
@@ -99,27 +86,28 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
 
 
+    def __post_init__(self) -> None:
+        pass  # built key by key from files and flags: validate() checks the whole once it is complete
+
+
 CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"),
-           "dtype": ("auto", "float32", "bfloat16", "float16"), "pos_emb": ("learned", "rope"),
-           "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 def validate(cfg: TrainConfig) -> None:
+    try:
+        GPTConfig.check(cfg)  # the model's keys
+    except ValueError as e:
+        raise UserError(str(e)) from None
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"bad value for '{key}': {getattr(cfg, key)!r}; use one of {', '.join(allowed)}")
-    positive = ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-                "eval_interval", "eval_iters", "log_interval", "max_iters")
-    for key in positive:
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"'{key}' must be positive, got {getattr(cfg, key)}")
     for key in ("max_minutes", "warmup_iters", "lr_decay_iters", "early_stop_patience"):
         if getattr(cfg, key) < 0:
             raise UserError(f"'{key}' must be 0 or more, got {getattr(cfg, key)}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
@@ -301,16 +289,10 @@ class Metrics:
         if resume_iter is None:
             atomic_write_bytes(path, b"")
         elif path.exists():
-            records, bad = [], 0
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:  # a crash (or a full disk) in the middle of an append leaves a partial last line
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad += 1
+            records, bad = read_metrics(path)
             if bad:
                 print(f"warning: dropped {bad} unreadable line(s) from {path}", file=sys.stderr)
-            keep = [json.dumps(r) for r in records if isinstance(r, dict) and isinstance(r.get("iter"), int)
-                    and r["iter"] <= resume_iter and r.get("kind") != "summary"]
+            keep = [json.dumps(r) for r in records if r["iter"] <= resume_iter and r["kind"] != "summary"]
             atomic_write_bytes(path, "".join(l + "\n" for l in keep).encode())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -338,24 +320,6 @@ def remove_stale_temps(out_dir: Path) -> None:
     for name in RUN_FILES:
         for tmp in out_dir.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
-
-
-def check_compatible(ckpt: dict[str, Any], model_cfg: GPTConfig, meta: dict[str, Any], path: Path,
-                     optimizer: str = "adamw") -> None:
-    # the data first: another data_dir also changes vocab_size, and "pass the run's --data_dir" is the fix
-    if ckpt["meta"].get("sha256_clean") != meta.get("sha256_clean") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-        raise UserError(f"cannot resume from {path}: it was trained on other data than {meta.get('source', 'data_dir')} "
-                        f"(vocab {ckpt['meta']['vocab_size']} vs {meta['vocab_size']}); pass the run's --data_dir")
-    saved = ckpt["model_config"]
-    diff = [k for k, v in asdict(model_cfg).items() if saved.get(k) != v]
-    if diff:
-        pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(model_cfg, k)!r}" for k in diff)
-        raise UserError(f"cannot resume from {path}: the model differs ({pairs}); use the run's config "
-                        f"(out_dir/config.json) or a new out_dir")
-    was = ckpt.get("config", {}).get("optimizer", "adamw")
-    if was != optimizer:
-        raise UserError(f"cannot resume from {path}: it was trained with optimizer={was}, not {optimizer}; "
-                        f"pass --optimizer={was} or start a new out_dir")
 
 
 @torch.no_grad()
@@ -484,6 +448,9 @@ class Trainer:
             remove_stale_temps(self.out_dir)
 
         # the model, its optimizers and the run's state (from ckpt.pt on resume)
+        if cfg.vocab_size not in (0, self.meta["vocab_size"]):
+            raise UserError(f"vocab_size={cfg.vocab_size} but {self.data_dir} has {self.meta['vocab_size']} tokens; "
+                            f"leave vocab_size at 0 (the data's)")
         model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": self.meta["vocab_size"]})
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = GPT(model_cfg).to(self.device)
@@ -518,7 +485,7 @@ class Trainer:
         Loaded onto the CPU first: load_state_dict copies each tensor to where its parameter lives."""
         path = checkpoint_path(self.out_dir, "latest")
         ckpt = load_checkpoint(path)
-        check_compatible(ckpt, model_cfg, self.meta, path, self.cfg.optimizer)
+        check_resumable(ckpt, model_cfg, self.meta, path, self.cfg.optimizer)
         self.raw_model.load_state_dict(ckpt["model"])
         for opt_, sd in zip(self.optimizers, ckpt["optimizer"]):
             opt_.load_state_dict(sd)

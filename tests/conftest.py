@@ -81,3 +81,11 @@ def tiny_train_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
             "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0,
             "threads": 1, **overrides}  # one thread: tiny matmuls only lose time to threading
     return [f"--{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="session")
+def book_text(book_path: Path) -> str:
+    """The cleaned text of the whole book (prepare.py's cleaning)."""
+    from prepare import clean_text, decode_text
+
+    return clean_text(decode_text(book_path.read_bytes()))[0]

@@ -1,14 +1,15 @@
 """checkpoint.py: saved keys are the plain module's whatever wraps it; inference loads onto the host."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_for_inference, save_checkpoint, unwrap
+from checkpoint import check_resumable, data_difference, load_checkpoint, load_for_inference, save_checkpoint, unwrap
 from common import CompiledWithFallback
-from config import parse_config
+from config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
 from train import TrainConfig, train
@@ -34,3 +35,23 @@ def test_inference_loads_the_checkpoint_onto_the_host_then_moves_the_model(
     model, info = load_for_inference(out, "latest", device="meta")  # "meta" stands in for a GPU
     assert maps == ["cpu"]
     assert next(model.parameters()).device.type == "meta" and info["iter_num"] == 2
+
+
+def test_one_same_data_check_for_resume_distillation_and_evaluation() -> None:
+    """The three stages compared different keys: resuming on data re-prepared with another
+    --val_fraction passed train.py's check, so part of the old val split was trained on."""
+    meta = {"vocab_size": 94, "tokenizer": {"kind": "char"}, "sha256_clean": "a" * 64,
+            "fractions": {"val": 0.1, "test": 0.0}}
+    assert data_difference(meta, dict(meta)) == ""
+    assert data_difference(meta, {**meta, "vocab_size": 256}) == "vocab 94 vs 256"
+    assert data_difference(meta, {**meta, "tokenizer": {"kind": "byte"}}) == "tokenizer char vs byte"
+    assert data_difference(meta, {**meta, "sha256_clean": "b" * 64}) == "another text: its sha256 differs"
+    assert data_difference(meta, {**meta, "fractions": {"val": 0.2, "test": 0.0}}) == \
+        "split fractions {'val': 0.1, 'test': 0.0} vs {'val': 0.2, 'test': 0.0}"
+    old = {k: v for k, v in meta.items() if k != "fractions"}  # a checkpoint from before a key existed
+    assert data_difference(old, meta) == ""
+    ckpt = {"meta": meta, "model_config": dataclasses.asdict(GPTConfig(vocab_size=94)), "config": {}}
+    with pytest.raises(UserError, match=r"cannot resume from ckpt.pt: it was trained on other data than data_dir "
+                                        r"\(split fractions .*\); pass the run's --data_dir"):
+        check_resumable(ckpt, GPTConfig(vocab_size=94), {**meta, "fractions": {"val": 0.2, "test": 0.0}}, Path("ckpt.pt"))
+    check_resumable(ckpt, GPTConfig(vocab_size=94), meta, Path("ckpt.pt"))

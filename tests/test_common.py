@@ -110,7 +110,7 @@ def test_mps_random_state_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch)
 def tiny_model() -> torch.nn.Module:
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    return GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
 
 
 def failing_backend(gm: torch.fx.GraphModule, example_inputs: list) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import evaluate as E
 from config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from common import bits_per_byte
+from common import bits_per_byte, read_metrics, records_of
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,117 +121,6 @@ def test_uniform_model_gets_log2_vocab_bits_per_token(vocab: int) -> None:
     assert f["ppl"] == pytest.approx(vocab, rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- baselines
-
-def test_kneser_ney_matches_a_hand_calculation() -> None:
-    # train "aab", order 2, discount D = 0.75.
-    # Order 1 uses continuation counts: "a" follows 1 distinct byte (a in "aa"), "b" 1 (a in "ab").
-    # So N1+(..) = 2 and the mass freed is D * 2 types = 1.5, spread uniformly over 256 bytes:
-    #   p1(a) = p1(b) = (1 - 0.75 + 1.5 / 256) / 2 = 0.1279296875
-    # Order 2 uses raw counts: c(aa) = c(ab) = 1, c(a.) = 2, freed mass again 0.75 * 2 = 1.5:
-    #   p2(b | a) = (1 - 0.75 + 1.5 * p1(b)) / 2 = 0.220947265625
-    # Held-out "ab": "a" has no context, so it gets p1(a); "b" gets p2(b | a).
-    p1_a, p2_b_a = 0.1279296875, 0.220947265625
-    np.testing.assert_allclose(E.kn_probs(E.kn_levels(b"aab", 2), b"ab"), [p1_a, p2_b_a])
-    assert E.ngram_kn_bpb(b"aab", b"ab", 2) == pytest.approx(-(math.log2(p1_a) + math.log2(p2_b_a)) / 2)
-    # an unseen context ("b" is never followed by anything in train) falls back to order 1
-    assert E.kn_probs(E.kn_levels(b"aab", 2), b"ba")[1] == pytest.approx(p1_a)
-
-
-def test_unigram_matches_a_hand_calculation() -> None:
-    # add-one: p(a) = (2 + 1) / (3 + 256), p(z) = 1 / 259
-    assert E.unigram_bpb(b"aab", b"az") == pytest.approx(-(math.log2(3 / 259) + math.log2(1 / 259)) / 2)
-
-
-@pytest.mark.parametrize("order, modified", [(1, False), (3, False), (5, True), (8, False)])
-def test_kneser_ney_is_a_distribution(order: int, modified: bool) -> None:
-    train = b"the cat sat on the mat; the cat ate the rat. " * 3 + bytes(range(40, 60))
-    levels = E.kn_levels(train, order, modified)
-    for context in (b"the ca", b"zzzzzzz", b"at", b""):
-        probs = [E.kn_probs(levels, context + bytes([w]))[-1] for w in range(256)]
-        assert sum(probs) == pytest.approx(1.0) and min(probs) > 0
-
-
-def test_higher_order_helps_on_repetitive_text() -> None:
-    train = b"Pierre went to see Natasha. " * 20
-    held = b"Pierre went to see Natasha. "
-    bpbs = [E.ngram_kn_bpb(train, held, n) for n in (1, 2, 4, 8)]
-    assert bpbs[0] > 3 > bpbs[1] > bpbs[2] and bpbs[3] < 0.5
-
-
-def test_compressor_given_train() -> None:
-    rng = random.Random(0)
-    train = " ".join(rng.choice(["war", "peace", "Pierre", "Moscow", "the", "and"]) for _ in range(5000)).encode()
-    copy = train[1000:3000]
-    noise = bytes(rng.randrange(256) for _ in range(2000))
-    for name in E.COMPRESSORS:
-        assert E.compressor_bpb(train, noise, name) > 7.5  # random bytes do not compress
-    assert E.compressor_bpb(train, copy, "xz") < 0.2  # a passage it has already seen costs almost nothing
-
-
-def test_baselines_are_cached_per_dataset(tmp_path: Path) -> None:
-    train, held = b"abracadabra " * 50, b"cadabra abra "
-    logs: list[str] = []
-    first, cached = E.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
-    assert not cached and set(first) == {"unigram", "kn2", "kn3", "mkn3", "zlib", "bz2", "xz"}
-    assert first["kn3"]["bpb"] == pytest.approx(E.ngram_kn_bpb(train, held, 3))
-    again, cached = E.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
-    assert cached and again == first
-    _, cached = E.cached_baselines(tmp_path, "val", train, held + b"!", {"sha256_clean": "x"}, 3, logs.append)
-    assert not cached  # another text: computed again
-
-
-# ----------------------------------------------------------------------------- memorisation and style
-
-@pytest.fixture(scope="module")
-def book_text(book_path: Path) -> str:
-    from prepare import clean_text, decode_text
-
-    return clean_text(decode_text(book_path.read_bytes()))[0]
-
-
-def test_memorisation_of_a_copy_is_total_and_of_shuffled_text_near_zero(book_text: str) -> None:
-    train, held = book_text[:300_000], book_text[300_000:400_000]
-    index = E.TrainIndex(train)
-    words = train.split(" ")
-    copies = [" ".join(words[i:i + 80]) for i in (100, 5000, 20000)]  # whole words, verbatim
-    m = E.memorisation(index, copies)
-    assert m["char30_share"] == 1.0 and m["word8_share"] == 1.0
-    assert m["char30_found"] == m["char_ngrams"] == sum(len(c) - 29 for c in copies)
-    assert m["longest_spans"] == [len(c) for c in copies]
-    shuffled = held.split()
-    random.Random(0).shuffle(shuffled)
-    s = E.memorisation(index, [" ".join(shuffled[i:i + 100]) for i in range(0, 400, 100)])
-    assert s["char30_share"] < 0.01 and s["word8_share"] == 0.0
-    assert s["char30_found"] == round(s["char30_share"] * s["char_ngrams"])
-    assert s["longest_span"] < 30
-
-
-def test_longest_span_on_a_hand_made_example() -> None:
-    index = E.TrainIndex("the cat sat on the mat")
-    assert index.longest_spans(["a cat sat on a mat", "xyz", ""]) == [" cat sat on ", "", ""]
-    m = E.memorisation(index, ["a cat sat on a mat"], char_n=5, word_n=2)
-    # char 5-grams of "a cat sat on a mat": 14, of which " cat ", "cat s", ..., "t on " (8) occur in train
-    assert m["char_ngrams"] == 14 and m["char5_share"] == pytest.approx(8 / 14)
-    # word 2-grams: a cat, cat sat, sat on, on a, a mat -> "cat sat", "sat on" occur
-    assert m["word_ngrams"] == 5 and m["word2_share"] == pytest.approx(2 / 5)
-
-
-def test_style_statistics_on_a_hand_made_example() -> None:
-    text = "“Pierre, come here!” said Natásha. Pierre smiled. Zzyzx qwerty."
-    s = E.style_stats([text], vocab_lower={"pierre", "come", "here", "said", "natásha", "smiled"})
-    assert s["words"] == 9 and s["sentences"] == 4  # ! . . . end four sentences
-    assert s["mean_word_len"] == pytest.approx(sum(map(len, "Pierre come here said Natásha Pierre smiled Zzyzx qwerty".split())) / 9)
-    assert s["unknown_word_share"] == pytest.approx(2 / 9)
-    assert s["names_per_kword"]["Pierre"] == pytest.approx(2 / 9 * 1000)
-    assert s["names_per_kword"]["Natásha"] == pytest.approx(1 / 9 * 1000)
-    assert s["punct_per_kchar"][","] == pytest.approx(1000 / len(text))
-    assert s["dialogue_share"] == pytest.approx(len("“Pierre, come here!”") / len(text))
-    assert s["distinct"]["1"] == pytest.approx(8 / 9)  # Pierre twice
-    assert E.style_distance(s, s)["word_len_tvd"] == 0.0
-    assert E.tvd([1, 0], [0, 1]) == 1.0 and E.tvd([0.5, 0.5], [0.25, 0.75]) == 0.25
-
-
 def test_prompts_are_spread_start_at_words_and_are_reproducible(book_text: str) -> None:
     text = book_text[:100_000]
     starts = E.pick_prompts(text, 8, 200, 500, seed=3)
@@ -249,8 +137,9 @@ def test_overfitting_summary_and_metrics_reader(tmp_path: Path) -> None:
         lines.append({"kind": "eval", "iter": it, "train_loss": tr, "val_loss": va, "val_bpb": va / 0.7})
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{half a line", encoding="utf-8")
-    train_rows, evals = E.read_metrics(path)
-    assert len(train_rows) == 1 and len(evals) == 5
+    records, skipped = read_metrics(path)
+    train_rows, evals = records_of(records, "train"), records_of(records, "eval")
+    assert len(train_rows) == 1 and len(evals) == 5 and skipped == 1
     s = E.overfitting_summary(evals)
     assert (s["best_iter"], s["best_val_loss"], s["evals_after_best"], s["last_iter"]) == (200, 1.9, 2, 400)
     assert s["val_rise_after_best"] == pytest.approx(0.3) and s["gap_at_last"] == pytest.approx(1.2)
@@ -361,7 +250,7 @@ def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys:
     assert dyn["lr"] == 0.05 and dyn["tokens"] == lk["tokens"] and dyn["bytes"] == lk["bytes"]
     assert dyn["bpb"] == pytest.approx(dyn["loss"] * dyn["tokens"] / dyn["bytes"] / math.log(2))
     assert dyn["bpb"] != pytest.approx(lk["bpb"], rel=1e-4)
-    assert f"bpb, dynamic evaluation (lr 0.05)" in capsys.readouterr().out
+    assert "bpb, dynamic evaluation (lr 0.05)" in capsys.readouterr().out
     assert f"**{dyn['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
     assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"] == pytest.approx(dyn)
 
@@ -382,7 +271,7 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
     meta = json.loads((other / "meta.json").read_text(encoding="utf-8"))
     meta["fractions"] = {"val": 0.2, "test": 0.0}  # re-prepared: the new val overlaps the old train
     (other / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    with pytest.raises(UserError, match="other data, splits or another tokenizer"):
+    with pytest.raises(UserError, match=r"holds other data than .* was trained on \(split fractions"):
         E.main([f"--out_dir={run}", f"--data_dir={other}", "--num_prompts=0", "--baselines=false"])
 
 

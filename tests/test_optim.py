@@ -92,7 +92,7 @@ def test_muon_steps_matrices_of_each_shape_together_as_it_would_one_by_one() -> 
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16))
+    return GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
 
 
 @pytest.mark.parametrize("grad_clip", [1.0, 0.0])

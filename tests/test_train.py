@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train as train_mod
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint
 from common import autocast
 from config import config_dict, parse_config
 from conftest import tiny_train_args

@@ -1,0 +1,69 @@
+"""baselines.py: Kneser-Ney and unigram by hand, KN is a distribution, compressors given train, the cache."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import baselines as B
+
+
+def test_kneser_ney_matches_a_hand_calculation() -> None:
+    # train "aab", order 2, discount D = 0.75.
+    # Order 1 uses continuation counts: "a" follows 1 distinct byte (a in "aa"), "b" 1 (a in "ab").
+    # So N1+(..) = 2 and the mass freed is D * 2 types = 1.5, spread uniformly over 256 bytes:
+    #   p1(a) = p1(b) = (1 - 0.75 + 1.5 / 256) / 2 = 0.1279296875
+    # Order 2 uses raw counts: c(aa) = c(ab) = 1, c(a.) = 2, freed mass again 0.75 * 2 = 1.5:
+    #   p2(b | a) = (1 - 0.75 + 1.5 * p1(b)) / 2 = 0.220947265625
+    # Held-out "ab": "a" has no context, so it gets p1(a); "b" gets p2(b | a).
+    p1_a, p2_b_a = 0.1279296875, 0.220947265625
+    np.testing.assert_allclose(B.kn_probs(B.kn_levels(b"aab", 2), b"ab"), [p1_a, p2_b_a])
+    assert B.ngram_kn_bpb(b"aab", b"ab", 2) == pytest.approx(-(math.log2(p1_a) + math.log2(p2_b_a)) / 2)
+    # an unseen context ("b" is never followed by anything in train) falls back to order 1
+    assert B.kn_probs(B.kn_levels(b"aab", 2), b"ba")[1] == pytest.approx(p1_a)
+
+
+def test_unigram_matches_a_hand_calculation() -> None:
+    # add-one: p(a) = (2 + 1) / (3 + 256), p(z) = 1 / 259
+    assert B.unigram_bpb(b"aab", b"az") == pytest.approx(-(math.log2(3 / 259) + math.log2(1 / 259)) / 2)
+
+
+@pytest.mark.parametrize("order, modified", [(1, False), (3, False), (5, True), (8, False)])
+def test_kneser_ney_is_a_distribution(order: int, modified: bool) -> None:
+    train = b"the cat sat on the mat; the cat ate the rat. " * 3 + bytes(range(40, 60))
+    levels = B.kn_levels(train, order, modified)
+    for context in (b"the ca", b"zzzzzzz", b"at", b""):
+        probs = [B.kn_probs(levels, context + bytes([w]))[-1] for w in range(256)]
+        assert sum(probs) == pytest.approx(1.0) and min(probs) > 0
+
+
+def test_higher_order_helps_on_repetitive_text() -> None:
+    train = b"Pierre went to see Natasha. " * 20
+    held = b"Pierre went to see Natasha. "
+    bpbs = [B.ngram_kn_bpb(train, held, n) for n in (1, 2, 4, 8)]
+    assert bpbs[0] > 3 > bpbs[1] > bpbs[2] and bpbs[3] < 0.5
+
+
+def test_compressor_given_train() -> None:
+    rng = random.Random(0)
+    train = " ".join(rng.choice(["war", "peace", "Pierre", "Moscow", "the", "and"]) for _ in range(5000)).encode()
+    copy = train[1000:3000]
+    noise = bytes(rng.randrange(256) for _ in range(2000))
+    for name in B.COMPRESSORS:
+        assert B.compressor_bpb(train, noise, name) > 7.5  # random bytes do not compress
+    assert B.compressor_bpb(train, copy, "xz") < 0.2  # a passage it has already seen costs almost nothing
+
+
+def test_baselines_are_cached_per_dataset(tmp_path: Path) -> None:
+    train, held = b"abracadabra " * 50, b"cadabra abra "
+    logs: list[str] = []
+    first, cached = B.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
+    assert not cached and set(first) == {"unigram", "kn2", "kn3", "mkn3", "zlib", "bz2", "xz"}
+    assert first["kn3"]["bpb"] == pytest.approx(B.ngram_kn_bpb(train, held, 3))
+    again, cached = B.cached_baselines(tmp_path, "val", train, held, {"sha256_clean": "x"}, 3, logs.append)
+    assert cached and again == first
+    _, cached = B.cached_baselines(tmp_path, "val", train, held + b"!", {"sha256_clean": "x"}, 3, logs.append)
+    assert not cached  # another text: computed again

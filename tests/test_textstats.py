@@ -1,0 +1,50 @@
+"""textstats.py: memorisation of copies and of shuffled text, the longest copied span, style statistics."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import textstats as T
+
+
+def test_memorisation_of_a_copy_is_total_and_of_shuffled_text_near_zero(book_text: str) -> None:
+    train, held = book_text[:300_000], book_text[300_000:400_000]
+    index = T.TrainIndex(train)
+    words = train.split(" ")
+    copies = [" ".join(words[i:i + 80]) for i in (100, 5000, 20000)]  # whole words, verbatim
+    m = T.memorisation(index, copies)
+    assert m["char30_share"] == 1.0 and m["word8_share"] == 1.0
+    assert m["char30_found"] == m["char_ngrams"] == sum(len(c) - 29 for c in copies)
+    assert m["longest_spans"] == [len(c) for c in copies]
+    shuffled = held.split()
+    random.Random(0).shuffle(shuffled)
+    s = T.memorisation(index, [" ".join(shuffled[i:i + 100]) for i in range(0, 400, 100)])
+    assert s["char30_share"] < 0.01 and s["word8_share"] == 0.0
+    assert s["char30_found"] == round(s["char30_share"] * s["char_ngrams"])
+    assert s["longest_span"] < 30
+
+
+def test_longest_span_on_a_hand_made_example() -> None:
+    index = T.TrainIndex("the cat sat on the mat")
+    assert index.longest_spans(["a cat sat on a mat", "xyz", ""]) == [" cat sat on ", "", ""]
+    m = T.memorisation(index, ["a cat sat on a mat"], char_n=5, word_n=2)
+    # char 5-grams of "a cat sat on a mat": 14, of which " cat ", "cat s", ..., "t on " (8) occur in train
+    assert m["char_ngrams"] == 14 and m["char5_share"] == pytest.approx(8 / 14)
+    # word 2-grams: a cat, cat sat, sat on, on a, a mat -> "cat sat", "sat on" occur
+    assert m["word_ngrams"] == 5 and m["word2_share"] == pytest.approx(2 / 5)
+
+
+def test_style_statistics_on_a_hand_made_example() -> None:
+    text = "“Pierre, come here!” said Natásha. Pierre smiled. Zzyzx qwerty."
+    s = T.style_stats([text], vocab_lower={"pierre", "come", "here", "said", "natásha", "smiled"})
+    assert s["words"] == 9 and s["sentences"] == 4  # ! . . . end four sentences
+    assert s["mean_word_len"] == pytest.approx(sum(map(len, "Pierre come here said Natásha Pierre smiled Zzyzx qwerty".split())) / 9)
+    assert s["unknown_word_share"] == pytest.approx(2 / 9)
+    assert s["names_per_kword"]["Pierre"] == pytest.approx(2 / 9 * 1000)
+    assert s["names_per_kword"]["Natásha"] == pytest.approx(1 / 9 * 1000)
+    assert s["punct_per_kchar"][","] == pytest.approx(1000 / len(text))
+    assert s["dialogue_share"] == pytest.approx(len("“Pierre, come here!”") / len(text))
+    assert s["distinct"]["1"] == pytest.approx(8 / 9)  # Pierre twice
+    assert T.style_distance(s, s)["word_len_tvd"] == 0.0
+    assert T.tvd([1, 0], [0, 1]) == 1.0 and T.tvd([0.5, 0.5], [0.25, 0.75]) == 0.25

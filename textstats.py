@@ -1,0 +1,197 @@
+"""Statistics of text, for judging what a model writes: how much of it is copied verbatim from the
+training text (memorisation: shares of char and word n-grams found there, the longest copied span)
+and how close its style is to the book's (word and sentence lengths, punctuation, dialogue, names,
+unknown words, distinct n-grams). evaluate.py applies both to generated and to real continuations.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from baselines import find_sorted
+
+
+# ----------------------------------------------------------------------------- memorisation
+
+WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes (don’t)
+_BASE = 0x9E3779B97F4A7C15  # odd, so it is invertible mod 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) mod 2**64 (numpy's uint64 products wrap, which is what we want)."""
+    out = np.empty(n, dtype=np.uint64)
+    if n:
+        out[0] = 1
+        out[1:] = np.cumprod(np.full(n - 1, base, dtype=np.uint64))
+    return out
+
+
+class RollingHash:
+    """Polynomial hashes mod 2**64 of every length-n window of a sequence, for any n, from one
+    prefix sum: hash(i, n) = (G[i+n] - G[i]) * B**(i+n-1) with G[k] = sum_{j<k} x_j * B**-j.
+    Equal windows get equal hashes wherever they are; two different windows collide with chance
+    about 2**-64 per pair, so a false match over a report's texts is a ~1e-9 event."""
+
+    def __init__(self, symbols: np.ndarray) -> None:
+        x = symbols.astype(np.uint64) + np.uint64(1)  # no zero symbols
+        with np.errstate(over="ignore"):
+            self.prefix = np.concatenate([[np.uint64(0)], np.cumsum(x * _powers(_BASE_INV, len(x)), dtype=np.uint64)])
+        self.pow = _powers(_BASE, len(x))
+        self.size = len(x)
+
+    def windows(self, n: int) -> np.ndarray:
+        if n > self.size:
+            return np.zeros(0, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return (self.prefix[n:] - self.prefix[:-n]) * self.pow[n - 1:]
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+class TrainIndex:
+    """The training text, ready for 'does this string / word sequence occur in it?' questions."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = RollingHash(code_points(text))
+        words = WORD_RE.findall(text)
+        self.word_id = {w: i for i, w in enumerate(dict.fromkeys(words), start=1)}  # 0 = not in train
+        self.words = RollingHash(np.array([self.word_id[w] for w in words], dtype=np.int64))
+        self.vocab_lower = {w.lower() for w in self.word_id}
+        self._tables: dict[tuple[str, int], np.ndarray] = {}
+
+    def table(self, kind: str, n: int) -> np.ndarray:
+        """Sorted hashes of every char (kind='char') or word n-gram of the train text; the last few kept."""
+        if (kind, n) not in self._tables:
+            if len(self._tables) > 4:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[(kind, n)] = np.sort((self.chars if kind == "char" else self.words).windows(n))
+        return self._tables[(kind, n)]
+
+    def word_ids(self, text: str) -> np.ndarray:
+        return np.array([self.word_id.get(w, 0) for w in WORD_RE.findall(text)], dtype=np.int64)
+
+    def found(self, text: str, kind: str, n: int) -> np.ndarray:
+        """For each char/word n-gram of `text`, whether it occurs verbatim in train."""
+        if kind == "char":
+            hashes = RollingHash(code_points(text)).windows(n)
+        else:
+            ids = self.word_ids(text)
+            hashes = RollingHash(ids).windows(n)
+        found = find_sorted(self.table(kind, n), hashes)[1]
+        if kind == "word" and len(found):  # a word never seen in train cannot be part of a verbatim match
+            found &= np.convolve(ids == 0, np.ones(n, dtype=int), mode="valid") == 0
+        return found
+
+    def longest_spans(self, texts: list[str]) -> list[str]:
+        """For each text, its longest substring that occurs verbatim in train.
+
+        "Some substring of length L occurs in train" is monotone in L, so each text is a binary
+        search over L; the texts search together, so one pass over train answers all that probe the same L."""
+        lo = [0] * len(texts)                # a span this long is known to occur
+        hi = [len(t) + 1 for t in texts]     # a span this long is known not to
+        where = [0] * len(texts)
+        while any(h - l > 1 for l, h in zip(lo, hi)):
+            probes: dict[int, list[int]] = {}
+            for i, (l, h) in enumerate(zip(lo, hi)):
+                if h - l > 1:
+                    probes.setdefault((l + h) // 2, []).append(i)
+            for n, members in probes.items():
+                for i in members:
+                    hits = np.flatnonzero(self.found(texts[i], "char", n))
+                    if len(hits):
+                        lo[i], where[i] = n, int(hits[0])
+                    else:
+                        hi[i] = n
+        return [t[w:w + n] for t, w, n in zip(texts, where, lo)]
+
+
+def memorisation(index: TrainIndex, texts: list[str], char_n: int = 30, word_n: int = 8) -> dict[str, Any]:
+    """How much of `texts` is copied from train: the share of their char `char_n`-grams and word
+    `word_n`-grams found verbatim there (pooled over texts), and the longest verbatim spans."""
+    char_hits = [index.found(t, "char", char_n) for t in texts]
+    word_hits = [index.found(t, "word", word_n) for t in texts]
+    spans = index.longest_spans(texts)
+    n_char, n_word = sum(len(h) for h in char_hits), sum(len(h) for h in word_hits)
+    char_found = int(sum(h.sum() for h in char_hits))
+    longest = max(spans, key=len) if spans else ""
+    return {f"char{char_n}_share": char_found / n_char if n_char else 0.0, f"char{char_n}_found": char_found,
+            f"word{word_n}_share": float(sum(h.sum() for h in word_hits) / n_word) if n_word else 0.0,
+            "char_ngrams": n_char, "word_ngrams": n_word,
+            "longest_span": len(longest), "longest_span_mean": float(np.mean([len(s) for s in spans])) if spans else 0.0,
+            "longest_span_text": longest, "longest_spans": [len(s) for s in spans]}
+
+
+# ----------------------------------------------------------------------------- style
+
+# The main characters as this translation (Maude) spells them, accents included.
+NAMES = ("Pierre", "Natásha", "Andrew", "Nicholas", "Mary", "Sónya", "Rostóv", "Kutúzov", "Napoleon",
+         "Denísov", "Dólokhov", "Borís", "Hélène", "Pétya")
+PUNCT = ",.;:!?—"
+QUOTES = "“”\"‘"
+WORD_LEN_BINS = 13   # 1..12 letters, 13+
+SENT_LEN_BINS = 11   # 1-5, 6-10, ..., 46-50, 51+ words
+SENTENCE_END = re.compile(r"[.!?]+[”’\"]?(?=\s|$)")
+DIALOGUE = re.compile(r"“[^“”]*”|\"[^\"]*\"")
+
+
+def _hist(values: Sequence[int], bins: int, width: int = 1) -> np.ndarray:
+    h = np.bincount(np.minimum((np.asarray(values, dtype=np.int64) - 1) // width, bins - 1), minlength=bins)
+    return h / max(h.sum(), 1)
+
+
+def tvd(p: Sequence[float], q: Sequence[float]) -> float:
+    """Total variation distance between two distributions: 0 identical, 1 disjoint."""
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def distinct_n(words: list[str], n: int) -> float:
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def style_stats(texts: list[str], vocab_lower: set[str] | None = None) -> dict[str, Any]:
+    """Style statistics of some text, pooled over `texts` (each a separate piece: sentences and
+    n-grams do not run across them). vocab_lower: the book's words, to count unknown ones."""
+    words = [w for t in texts for w in WORD_RE.findall(t)]
+    sentences = [len(WORD_RE.findall(s)) for t in texts for s in SENTENCE_END.split(t)]
+    sentences = [n for n in sentences if n > 0]
+    chars = sum(len(t) for t in texts)
+    kchars, kwords = max(chars, 1) / 1000, max(len(words), 1) / 1000
+    counts = Counter(c for t in texts for c in t if c in PUNCT or c in QUOTES)
+    names = Counter(w for w in words if w in NAMES)
+    per_text = [WORD_RE.findall(t) for t in texts]
+    return {
+        "chars": chars, "words": len(words), "sentences": len(sentences),
+        "mean_word_len": float(np.mean([len(w) for w in words])) if words else 0.0,
+        "mean_sentence_len": float(np.mean(sentences)) if sentences else 0.0,
+        "word_len_hist": _hist([len(w) for w in words], WORD_LEN_BINS).tolist(),
+        "sentence_len_hist": _hist(sentences, SENT_LEN_BINS, width=5).tolist(),
+        "punct_per_kchar": {c: counts[c] / kchars for c in PUNCT},
+        "quotes_per_kchar": sum(counts[c] for c in QUOTES) / kchars,
+        "dialogue_share": sum(len(m) for t in texts for m in DIALOGUE.findall(t)) / max(chars, 1),
+        "unknown_word_share": (sum(w.lower() not in vocab_lower for w in words) / max(len(words), 1)
+                               if vocab_lower is not None else 0.0),
+        "distinct": {str(n): float(np.mean([distinct_n(w, n) for w in per_text])) if texts else 0.0 for n in (1, 2, 3)},
+        "names_per_kword": {n: names[n] / kwords for n in NAMES},
+    }
+
+
+def style_distance(stats: dict[str, Any], book: dict[str, Any]) -> dict[str, float]:
+    """How far a text's statistics are from the book's (0 = the same)."""
+    punct = tvd(_normalise(stats["punct_per_kchar"]), _normalise(book["punct_per_kchar"]))
+    return {"word_len_tvd": tvd(stats["word_len_hist"], book["word_len_hist"]),
+            "sentence_len_tvd": tvd(stats["sentence_len_hist"], book["sentence_len_hist"]),
+            "punct_mix_tvd": punct,
+            "punct_rate_ratio": sum(stats["punct_per_kchar"].values()) / max(sum(book["punct_per_kchar"].values()), 1e-9),
+            "names_rate_ratio": sum(stats["names_per_kword"].values()) / max(sum(book["names_per_kword"].values()), 1e-9)}
+
+
+def _normalise(d: dict[str, float]) -> list[float]:
+    total = sum(d.values()) or 1.0
+    return [v / total for v in d.values()]
