@@ -4,7 +4,7 @@ PY ?= python3
 BOOK ?=
 PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
-.PHONY: install dev test demo gpu-check clean
+.PHONY: install dev test test-fast demo gpu-check clean
 
 RUN ?= out/wp_bpe_cpu
 
@@ -18,6 +18,10 @@ dev: install
 
 test: dev
 	$(PY) -m pytest -q tests
+
+# the inner loop: everything but the tests that start processes (about 30 s on 2 cores)
+test-fast: dev
+	$(PY) -m pytest -q -m "not slow" tests
 
 # prepare the book (a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
 # evaluate it, and write three samples

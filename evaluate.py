@@ -398,8 +398,35 @@ def read_split(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
     return np.array(np.memmap(path, dtype=meta["dtype"], mode="r"), dtype=np.int64)
 
 
-def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every part of the evaluation as configured; writes eval.json, report.md and plots."""
+def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_text: str, split_text: str,
+                      n_tokens: int, device: str, dtype: str, timings: dict[str, float],
+                      log: Callable[[str], None]) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, Any]]:
+    """Continue num_prompts held-out prompts; the samples, and memorisation and style statistics of the
+    generated continuations beside the real ones (textstats.py)."""
+    t0 = time.perf_counter()
+    chars_per_token = len(split_text) / n_tokens
+    starts = pick_prompts(split_text, cfg.num_prompts, cfg.prompt_chars, int(1.5 * cfg.gen_tokens * chars_per_token),
+                          cfg.seed)
+    prompts = [split_text[s:s + cfg.prompt_chars] for s in starts]
+    log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens...")
+    fed, gens = generate_continuations(model, tok, prompts, cfg.gen_tokens, cfg.temperature, cfg.top_k,
+                                       cfg.top_p, cfg.seed, device, dtype)
+    timings["generation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refs = [split_text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
+    samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
+    index = TrainIndex(train_text)
+    mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
+    book = style_stats([train_text], index.vocab_lower)
+    style = {"book": book, "generated": style_stats(gens, index.vocab_lower),
+             "reference": style_stats(refs, index.vocab_lower)}
+    style["generated_distance"] = style_distance(style["generated"], book)
+    style["reference_distance"] = style_distance(style["reference"], book)
+    timings["memorisation and style"] = time.perf_counter() - t0
+    return samples, mem, style
+
+
+def check_settings(cfg: EvalConfig) -> None:
     if cfg.split not in ("val", "test"):
         raise UserError(f"bad value for 'split': {cfg.split!r}; use val or test")
     if cfg.batch_size < 1 or cfg.stride < 0 or cfg.dynamic_lr < 0:
@@ -410,6 +437,11 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         raise UserError("num_prompts must be >= 0 and prompt_chars >= 1")
     if cfg.num_prompts:
         check_sampling(cfg.gen_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every part of the evaluation as configured; writes eval.json, report.md and plots."""
+    check_settings(cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(cfg.out_dir)
@@ -469,30 +501,10 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         timings["baselines" + (" (cached)" if cached else "")] = time.perf_counter() - t0
 
     # -- 3. generation, memorisation, style
-    samples: list[dict[str, str]] = []
-    mem: dict[str, Any] = {}
-    style: dict[str, Any] = {}
+    samples, mem, style = [], {}, {}
     if cfg.num_prompts > 0:
-        t0 = time.perf_counter()
-        chars_per_token = len(split_text) / len(tokens)
-        starts = pick_prompts(split_text, cfg.num_prompts, cfg.prompt_chars,
-                              int(1.5 * cfg.gen_tokens * chars_per_token), cfg.seed)
-        prompts = [split_text[s:s + cfg.prompt_chars] for s in starts]
-        log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens...")
-        fed, gens = generate_continuations(model, tok, prompts, cfg.gen_tokens, cfg.temperature, cfg.top_k,
-                                           cfg.top_p, cfg.seed, device, dtype)
-        timings["generation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        refs = [split_text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
-        samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
-        index = TrainIndex(train_text)
-        mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
-        book = style_stats([train_text], index.vocab_lower)
-        style = {"book": book, "generated": style_stats(gens, index.vocab_lower),
-                 "reference": style_stats(refs, index.vocab_lower)}
-        style["generated_distance"] = style_distance(style["generated"], book)
-        style["reference_distance"] = style_distance(style["reference"], book)
-        timings["memorisation and style"] = time.perf_counter() - t0
+        samples, mem, style = judge_generations(cfg, model, tok, train_text, split_text, len(tokens), device, dtype,
+                                                timings, log)
 
     # -- 4. curves
     records, _ = read_metrics(out_dir / "metrics.jsonl")

@@ -22,6 +22,9 @@ recorded with its error and the sweep goes on. Running the same command again sk
 and resumes interrupted ones (--init_from=resume). After every run, out/sweeps/NAME/results.csv,
 results.md and val_bpb.png are rewritten. Command-line keys of train.py (--max_minutes=1,
 --device=cuda) apply to every run.
+
+One tool in one file, longer than the others for that reason: reading and checking a sweep file,
+running and resuming its runs one process each, and the results table and plot. docs/sweeps.md is its manual.
 """
 from __future__ import annotations
 

@@ -6,6 +6,10 @@
 Writes out_dir/{config.json, meta.json, metrics.jsonl, best.pt, ckpt.pt}. best.pt is the
 lowest-val checkpoint, ckpt.pt the latest; `--init_from=resume` continues from ckpt.pt
 exactly (weights, optimizer, RNG streams, step). SIGINT/SIGTERM finish the step, save, exit 0.
+
+The longest file here, for one reason: it holds the loop and what only the loop uses, a section
+each: the config, batches drawn one ahead, the processes of a DDP job and signals, the metrics file,
+one step (train_step, which bench.py times too), and the Trainer that runs them.
 """
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ def expected_text(run: Path, prompt: str, n: int, seed: int, temperature: float 
 
 # ----------------------------------------------------------------------------- the API
 
+@pytest.mark.slow
 def test_api_generates_what_sample_py_generates(server: str, runs_dir: Path) -> None:
     from gradio_client import Client
 
@@ -114,6 +115,7 @@ def test_api_generates_what_sample_py_generates(server: str, runs_dir: Path) -> 
     assert client.predict(run, "Pierre", 40, 0.8, 50, 0.95, 8, api_name="/generate") != out
 
 
+@pytest.mark.slow
 def test_api_errors_are_clear_messages(server: str, runs_dir: Path) -> None:
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -133,6 +135,7 @@ def test_api_errors_are_clear_messages(server: str, runs_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- the page in a browser
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(server: str, runs_dir: Path, tmp_path: Path) -> None:
     require(playwright=True)
     from playwright.sync_api import expect, sync_playwright
@@ -236,6 +239,7 @@ def test_bad_settings_are_user_errors(args: list[str], message: str) -> None:
         app.main(args)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_status_2(runs_dir: Path) -> None:
     r = subprocess.run([sys.executable, "app.py", f"--out_dir={runs_dir / 'tiny'}", "--ckpt=newest"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
@@ -243,6 +247,7 @@ def test_command_line_error_is_one_line_and_status_2(runs_dir: Path) -> None:
     assert r.stderr == "error: unknown checkpoint 'newest': use best or latest\n"
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_clear_line_and_status_2(runs_dir: Path) -> None:
     """Gradio's own failure is a traceback that points at GRADIO_SERVER_PORT, not at --port."""
     with socket.socket() as held:

@@ -64,6 +64,7 @@ def test_training_config_files_are_accepted() -> None:
     assert cfg.compile and cfg.sample_tokens == 1000 and cfg.sample_prompt == 200
 
 
+@pytest.mark.slow
 def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = [f"--{k}={v}" for k, v in TINY.items()] + ["--compare", f"--out={out}", f"--data_dir={tmp_path}"]
@@ -94,6 +95,7 @@ def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
     assert res["config"]["vocab_size"] == 104
 
 
+@pytest.mark.slow
 def test_bad_options_are_one_clear_error() -> None:
     for bad, msg in (("--steps=0", "'steps' must be at least 1"), ("--warmup_step=2", "did you mean warmup_steps"),
                      ("--sample_dtype=int8", "sample_dtype")):
@@ -137,6 +139,7 @@ class GPT(nn.Module):
 """
 
 
+@pytest.mark.slow
 def test_nanogpt_checkout_is_timed_beside_bookgpt(tmp_path: Path) -> None:
     (tmp_path / "nanoGPT").mkdir()
     (tmp_path / "nanoGPT" / "model.py").write_text(NANOGPT_LIKE)

@@ -74,12 +74,14 @@ def test_config_files_are_data_not_code(tmp_path: Path) -> None:
     assert cfg.out_dir.startswith("__import__") and not marker.exists()
 
 
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2() -> None:
     r = subprocess.run([sys.executable, "train.py", "--n_layr=2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: unknown config key 'n_layr' on the command line; did you mean n_layer, min_lr, muon_lr?"]
 
 
+@pytest.mark.slow
 def test_help_lists_every_key() -> None:
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0

@@ -255,6 +255,7 @@ def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys:
     assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"] == pytest.approx(dyn)
 
 
+@pytest.mark.slow
 def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
     for out_dir, says in [(tmp_path / "missing", "run directory not found"), (tmp_path / "empty_run", "no checkpoint")]:

@@ -108,6 +108,7 @@ def history(out: Path) -> list[tuple]:
     return [(r["kind"], r["iter"], r.get("loss"), r.get("val_loss")) for r in rows(out) if r["kind"] != "summary"]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_and_mid_write_then_resume_matches_an_unbroken_run(
         tiny_char_data: Path, tmp_path: Path) -> None:
     rng = random.Random(KILL_SEED)
@@ -169,6 +170,7 @@ def test_metrics_resume_drops_partial_and_later_lines(tmp_path: Path, capsys: py
     assert path.read_text() == ""
 
 
+@pytest.mark.slow
 def test_sigterm_mid_step_saves_and_exits_0(tiny_char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     a = args(tiny_char_data, out, max_iters=100_000, eval_interval=1000)
@@ -188,6 +190,7 @@ def test_sigterm_mid_step_saves_and_exits_0(tiny_char_data: Path, tmp_path: Path
     assert [r["iter"] for r in rows(out) if r["kind"] == "train"] == list(range(1, summary["iter"] + 4))
 
 
+@pytest.mark.slow
 def test_second_sigterm_during_the_save_changes_nothing(tiny_char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # eval_interval=1: the signal arrives at a step that is due an eval; it must still be evaluated
@@ -222,6 +225,7 @@ def _rank(pid: int) -> int:
     return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
 
 
+@pytest.mark.slow
 def test_a_dying_ddp_rank_stops_the_whole_job_quickly(tiny_char_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     a = args(tiny_char_data, out, max_iters=100_000, eval_interval=5, gradient_accumulation_steps=2)

@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, book_slice: Path) -> tupl
     return p, root / "out"
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_passes_every_check_a_cpu_can_make(tiny_run: tuple[subprocess.CompletedProcess, Path]) -> None:
     p, out = tiny_run
     assert p.returncode == 0, p.stdout + p.stderr
@@ -101,6 +102,7 @@ def test_tiny_cpu_run_passes_every_check_a_cpu_can_make(tiny_run: tuple[subproce
     assert len(list((out / "logs").glob("*.err"))) == len([c for c in commands if not c.startswith("#")])
 
 
+@pytest.mark.slow
 def test_a_failed_check_fails_the_run_and_the_later_checks_still_run(tmp_path: Path) -> None:
     p = gpu_check("--device=cpu", "--tiny", f"--input={tmp_path / 'missing.txt'}", f"--data_dir={tmp_path / 'data'}",
                   f"--out_dir={tmp_path / 'out'}", "--checks=prepare,bench_2x4090")
@@ -115,6 +117,7 @@ def test_a_failed_check_fails_the_run_and_the_later_checks_still_run(tmp_path: P
     assert [l for l in p.stdout.splitlines() if l.startswith("prepare ")][0].split()[1] == "FAILED"
 
 
+@pytest.mark.slow
 def test_a_missing_nanogpt_checkout_fails_the_benchmark(tmp_path: Path) -> None:
     p = gpu_check("--device=cpu", "--tiny", "--nanogpt=/nonexistent", f"--out_dir={tmp_path / 'out'}",
                   "--checks=bench_2x4090")
@@ -125,6 +128,7 @@ def test_a_missing_nanogpt_checkout_fails_the_benchmark(tmp_path: Path) -> None:
     assert {t["status"] for t in rep["targets"] if "nanoGPT" in t["target"]} == {"not measured"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the default device runs the full check")
 def test_default_cuda_without_a_gpu_is_a_user_error_with_everything_skipped(tmp_path: Path) -> None:
     p = gpu_check(f"--out_dir={tmp_path / 'out'}")
@@ -141,6 +145,7 @@ def test_default_cuda_without_a_gpu_is_a_user_error_with_everything_skipped(tmp_
     assert (tmp_path / "out" / "report.md").read_text().count("| skipped |") == len(CHECKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [(["--checks=train,sample"], "unknown check(s) train"),
                                            (["--device=mps"], "bad value for 'device'"),
                                            (["--steps=4"], "steps must be at least 8")])

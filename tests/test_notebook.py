@@ -25,6 +25,7 @@ def test_notebook_is_clean_and_colab_ready() -> None:
     assert nb["metadata"]["accelerator"] == "GPU" and nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path: Path, book_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbformat
     from nbclient import NotebookClient

@@ -29,6 +29,7 @@ def sample(run: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_number_of_samples_and_seed(tiny_run: Path) -> None:
     a = sample(tiny_run, "--prompt=Pierre", "--num_samples=3", "--max_new_tokens=40", "--seed=7")
     assert a.returncode == 0, a.stderr
@@ -44,12 +45,14 @@ def test_number_of_samples_and_seed(tiny_run: Path) -> None:
     assert other.stdout != a.stdout
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_whatever_the_seed(tiny_run: Path) -> None:
     outs = {sample(tiny_run, "--prompt=The ", "--num_samples=1", "--max_new_tokens=20", "--temperature=0",
                    f"--seed={s}").stdout for s in (1, 2)}
     assert len(outs) == 1
 
 
+@pytest.mark.slow
 def test_prompt_file_and_latest_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     f = tmp_path / "prompt.txt"
     f.write_text("Natasha said,", encoding="utf-8")
@@ -67,6 +70,7 @@ def test_prompt_file_and_latest_checkpoint(tiny_run: Path, tmp_path: Path) -> No
     (["--prompt_file=/nonexistent/p.txt"], "prompt file not found"),
     (["--ckpt=newest"], "unknown checkpoint 'newest'"),
 ])
+@pytest.mark.slow
 def test_bad_requests_are_one_clear_line(tiny_run: Path, args: list[str], message: str) -> None:
     r = sample(tiny_run, *args)
     assert r.returncode == 2
@@ -74,6 +78,7 @@ def test_bad_requests_are_one_clear_line(tiny_run: Path, args: list[str], messag
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_missing_run_directory(tmp_path: Path) -> None:
     r = sample(tmp_path / "nope")
     assert r.returncode == 2 and "run directory not found" in r.stderr

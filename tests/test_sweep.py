@@ -171,6 +171,7 @@ def test_command_line_errors(tmp_path: Path, base_toml: Path, tiny_char_data: Pa
         assert message in str(e.value), argv
 
 
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2(tmp_path: Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_text("[grid]\nn_layer = [2, \"four\"]\n", encoding="utf-8")
@@ -243,6 +244,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_run_sweep_end_to_end_then_skip_and_resume(tiny_char_data: Path, tmp_path: Path) -> None:
     f = write_sweep(tmp_path / "tiny.toml", fixed=tiny_fixed(tiny_char_data), grid={"learning_rate": [1e-3, 1e-2]})
     out = tmp_path / "out"
@@ -280,6 +282,7 @@ def test_two_run_sweep_end_to_end_then_skip_and_resume(tiny_char_data: Path, tmp
         S.main([str(f), f"--out_root={out}", "--max_iters=30"])
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_char_data: Path, tmp_path: Path) -> None:
     # the first run's context is longer than the tiny val split: train.py refuses it at start
     fixed = {k: v for k, v in tiny_fixed(tiny_char_data).items() if k != "block_size"}

@@ -154,6 +154,7 @@ def test_distillation_from_an_ensemble_of_runs(tiny_char_data: Path, tmp_path: P
     assert len(records(out, "teacher")) == 1 and load_checkpoint(out / "ckpt.pt")["iter_num"] == 45
 
 
+@pytest.mark.slow
 def test_distillation_refuses_teachers_it_cannot_use(tiny_char_data: Path, tmp_path: Path,
                                                     book_path: Path) -> None:
     run(tiny_char_data, tmp_path / "t", max_iters=2, eval_interval=2)
@@ -195,6 +196,7 @@ runpy.run_path("train.py", run_name="__main__")
 '''
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> None:
     """Two processes, the process group made as "cpu:gloo" (BOOKGPT_DIST_BACKEND): every collective is
     recorded and must be on the training device; the stop flags are agreed on at log and eval steps only."""
@@ -243,6 +245,7 @@ def test_budget_keys_are_checked_before_training(key: str, value, message: str) 
         train_mod.validate(cfg)
 
 
+@pytest.mark.slow
 def test_invalid_values_are_one_clear_error_line(tiny_char_data: Path, tmp_path: Path) -> None:
     args = tiny_train_args(tiny_char_data, tmp_path / "x")
     r = subprocess.run([sys.executable, "train.py", *args, "--batch_size=0"], cwd=ROOT, capture_output=True, text=True)
