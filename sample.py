@@ -25,7 +25,7 @@ DEFAULT_RUN = "out/wp_bpe_cpu"  # where `make demo` trains config/wp_bpe_cpu.tom
 # The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: temperature
 # 0.9, no top-k or top-p truncation. On the BPE-2048 preset this copies training text at the real
 # text's rate and misspells about as often as the book does; top-k 50 / top-p 0.95 made the 4-layer
-# preset copy 2.5-3.6x as much (docs/results.md, "BPE-2048 becomes the preset"). A char model reads
+# preset copy 2.5-3.6x as much (docs/log.md, "BPE-2048 becomes the preset"). A char model reads
 # better truncated: --temperature=0.8 --top_k=50 --top_p=0.95.
 TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 
