@@ -145,7 +145,8 @@ def data_difference(saved: dict[str, Any], meta: dict[str, Any]) -> str:
     """'' when `meta` (a prepared folder's meta.json) describes the data a checkpoint was trained on,
     whose meta.json it saved: the same cleaned text, tokenizer, vocabulary and split points. Else
     what differs, in words. Held-out text must be the text the run held out, and a resumed or
-    distilled run must read the tokens it learned; keys an older checkpoint lacks are not compared."""
+    distilled run must read the tokens it learned. Keys an older checkpoint lacks are not compared,
+    except the layout: folders from before it was recorded were all split at the tail."""
     kinds = saved.get("tokenizer", {}).get("kind"), meta.get("tokenizer", {}).get("kind")
     if saved.get("vocab_size") != meta.get("vocab_size"):
         return f"vocab {saved.get('vocab_size')} vs {meta.get('vocab_size')}"
@@ -155,6 +156,10 @@ def data_difference(saved: dict[str, Any], meta: dict[str, Any]) -> str:
         return "another text: its sha256 differs"
     if "fractions" in saved and saved["fractions"] != meta.get("fractions"):
         return f"split fractions {saved['fractions']} vs {meta.get('fractions')}"
+    layouts = saved.get("layout", {"kind": "tail"}), meta.get("layout", {"kind": "tail"})  # older folders: tail
+    if layouts[0] != layouts[1]:
+        return f"split layout {layouts[0]['kind']} vs {layouts[1]['kind']}" + (
+            " with other blocks" if layouts[0]["kind"] == layouts[1]["kind"] else "")
     return ""
 
 

@@ -43,12 +43,13 @@ from tokenizer import read_meta
 @dataclass
 class EvalConfig:
     out_dir: str = opt(DEFAULT_RUN, "run directory written by train.py")
-    split: str = opt("val", "val or test (test needs prepare.py --test_fraction > 0)")
+    split: str = opt("test", "the headline split: test (val is scored beside it), or val alone for data without one")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
     stride: int = opt(0, "tokens scored per window; context >= block_size - stride (0 = block_size // 2)")
     batch_size: int = opt(16, "windows per forward pass")
-    dynamic_lr: float = opt(0.0, "also score the split with dynamic evaluation at this SGD learning rate (0 = off)")
+    dynamic_lr: str = opt("0", "dynamic evaluation at these SGD learning rates, comma-separated: each is scored on "
+                               "val, the best on the headline split (0 = off)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy machine)")
@@ -261,6 +262,20 @@ def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def split_note(ev: dict[str, Any]) -> str:
+    if ev["data"]["split"] == "test":
+        return ("**test** is the headline: no choice (checkpoint, early stop, recipe, sampling setting) has read it; "
+                "val chose them, so its figure is the selected model's own score.")
+    return ("On **val**, the split that chose the checkpoint (and, for the shipped recipes, the recipe): the "
+            "selected model's own score, not an unbiased estimate.")
+
+
+def side_by_side(splits: dict[str, dict]) -> list[tuple[str, ...]]:
+    """likelihood_rows of every split, as one row per measure."""
+    columns = [likelihood_rows(sp["likelihood"]) for sp in splits.values()]
+    return [(rows[0][0], *(r[1] for r in rows)) for rows in zip(*columns)]
+
+
 def likelihood_rows(lk: dict[str, float]) -> list[tuple[str, str]]:
     return [("bits per byte (bpb)", f"{lk['bpb']:.4f}"), ("loss (nats/token)", f"{lk['loss']:.4f}"),
             ("perplexity per token", f"{lk['ppl']:.3f}"), ("bits per character", f"{lk['bpc']:.4f}"),
@@ -305,22 +320,25 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
           f"{ev['settings']['stride']} (every token scored once with at least "
           f"{ev['settings']['block_size'] - ev['settings']['stride']} tokens of context), "
           f"{ev['settings']['device']} / {ev['settings']['dtype']}.", "",
-          "## Held-out likelihood", "", _md_table(("measure", "value"), likelihood_rows(lk)), ""]
+          "## Held-out likelihood", "", split_note(ev), "",
+          _md_table(("measure", *ev["splits"]), side_by_side(ev["splits"])), ""]
     if ev.get("dynamic"):
         dyn = ev["dynamic"]
-        md += [f"With dynamic evaluation (one SGD step at lr {dyn['lr']:g} after each window, on the tokens "
-               f"just scored; each token is still predicted before the model learns from it): "
-               f"**{dyn['bpb']:.4f} bpb**, loss {dyn['loss']:.4f}, {dyn['bpb'] - lk['bpb']:+.4f} bpb against "
-               "the static figure above, which stays the headline.", ""]
+        md += [f"With dynamic evaluation (one SGD step after each window, on the tokens just scored; each token "
+               f"is still predicted before the model learns from it), the learning rate chosen on val "
+               f"({', '.join(f'{k}: {v:.4f}' if v is not None else f'{k}: diverged' for k, v in dyn['val_bpb_by_lr'].items())}"
+               f" bpb): lr {dyn['lr']:g}, "
+               f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
+               "figure above, which stays the headline.", ""]
     if ev.get("baselines"):
-        base = ev["baselines"]
-        rows = [("**this model**", f"**{lk['bpb']:.4f}**", "")]
-        rows += [(baseline_label(k), f"{v['bpb']:.4f}", f"{lk['bpb'] - v['bpb']:+.4f}")
-                 for k, v in sorted(base.items(), key=lambda kv: kv[1]["bpb"])]
-        md += ["## Baselines on the same split", "",
-               "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of the held-out text. "
-               "Last column: the model's bpb minus the baseline's, negative where the model is better.", "",
-               _md_table(("model", "bpb", "model - baseline"), rows), "", "![bpb](bpb_baselines.png)", ""]
+        first = ev["splits"][data["split"]]["baselines"]
+        rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in ev["splits"].values()))]
+        rows += [(baseline_label(k), *(f"{sp['baselines'][k]['bpb']:.4f}" for sp in ev["splits"].values()))
+                 for k in sorted(first, key=lambda k: first[k]["bpb"])]
+        md += ["## Baselines", "",
+               "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of each held-out split.", "",
+               _md_table(("model", *(f"bpb on {name}" for name in ev["splits"])), rows), "",
+               "![bpb](bpb_baselines.png)", ""]
     ov = ev["curves"]
     md += ["## Overfitting", ""]
     if ov.get("evals"):
@@ -361,16 +379,18 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
 
 
 def print_summary(ev: dict[str, Any]) -> None:
-    lk = ev["likelihood"]
-    print(f"\n{ev['run']['out_dir']} ({ev['run']['checkpoint']}, step {ev['run']['iter_num']}) on "
-          f"{ev['data']['split']}: {lk['tokens']:,} tokens")
-    for name, value in likelihood_rows(lk):
-        print(f"  {name:<36} {value}")
+    lk, splits = ev["likelihood"], ev["splits"]
+    print(f"\n{ev['run']['out_dir']} ({ev['run']['checkpoint']}, step {ev['run']['iter_num']}): "
+          + " and ".join(f"{name} ({sp['likelihood']['tokens']:,} tokens)" for name, sp in splits.items()))
+    print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
+    for row in side_by_side(splits):
+        print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
     if ev.get("dynamic"):
         dyn = ev["dynamic"]
-        print(f"  {'bpb, dynamic evaluation (lr ' + format(dyn['lr'], 'g') + ')':<36} {dyn['bpb']:.4f}")
+        print(f"  {'bpb, dynamic evaluation (lr ' + format(dyn['lr'], 'g') + ')':<36} {dyn['bpb']:>16.4f}"
+              f"   (lr chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
     if ev.get("baselines"):
-        print("baselines (bpb on the same split):")
+        print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
         for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
             verdict = "model better" if lk["bpb"] < v["bpb"] else "model worse"
             print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
@@ -393,7 +413,8 @@ def print_summary(ev: dict[str, Any]) -> None:
 def read_split(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
     path = data_dir / f"{split}.bin"
     if not path.is_file():
-        hint = " (prepare it with python prepare.py --test_fraction=0.05 ...)" if split == "test" else "; re-run prepare.py"
+        hint = ("; prepare.py writes one by default (data prepared without one: prepare it again, or evaluate "
+                "--split=val)") if split == "test" else "; re-run prepare.py"
         raise UserError(f"no {split} split in {data_dir}: {path} is missing{hint}")
     return np.array(np.memmap(path, dtype=meta["dtype"], mode="r"), dtype=np.int64)
 
@@ -426,11 +447,63 @@ def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_t
     return samples, mem, style
 
 
+def score(model: torch.nn.Module, tok: Any, tokens: np.ndarray, name: str, block_size: int, stride: int,
+          cfg: EvalConfig, device: str, dtype: str, timings: dict[str, float], log: Callable[[str], None]) -> dict:
+    """The likelihood figures of one split's full pass."""
+    if len(tokens) < 2:
+        raise UserError(f"the {name} split has fewer than 2 tokens; nothing to evaluate")
+    log(f"scoring {len(tokens):,} {name} tokens (block {block_size}, stride {stride}, {device}/{dtype})...")
+    t0 = time.perf_counter()
+    total, n = strided_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
+    timings[f"likelihood on {name}"] = time.perf_counter() - t0
+    text = tok.decode_bytes(tokens[1:])  # the first token is context only
+    lk = likelihood_figures(total, n, len(text), len(text.decode("utf-8", errors="replace")))
+    log(f"  {lk['bpb']:.4f} bpb, loss {lk['loss']:.4f} in {timings[f'likelihood on {name}']:.1f} s")
+    return lk
+
+
+def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str, np.ndarray], scored: dict,
+                       block_size: int, stride: int, device: str, dtype: str, timings: dict[str, float],
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """Dynamic evaluation at each learning rate on val; the best rate, on the headline split too.
+    Returns the headline split's figures with the rate, where it was chosen and every rate's val bpb."""
+    lrs = parse_lrs(cfg.dynamic_lr)
+    if not lrs:
+        return {}
+
+    def run(name: str, lr: float) -> dict[str, float]:
+        log(f"dynamic evaluation on {name} (SGD, lr {lr:g})...")
+        t0 = time.perf_counter()
+        total, n = dynamic_nll(model, tokens[name], block_size, stride, lr, device, dtype)
+        timings[f"dynamic evaluation on {name}, lr {lr:g}"] = time.perf_counter() - t0
+        lk = scored[name]["likelihood"]
+        out = {"lr": lr, **likelihood_figures(total, n, lk["bytes"], lk["chars"])}
+        log(f"  {out['bpb']:.4f} bpb, loss {out['loss']:.4f}")
+        return out
+
+    on_val = {lr: run("val", lr) for lr in lrs}
+    best = min(on_val.values(), key=lambda d: d["bpb"] if math.isfinite(d["bpb"]) else math.inf)  # a rate can diverge
+    headline = best if cfg.split == "val" else run(cfg.split, best["lr"])
+    return {**headline, "chosen_on": "val",
+            "val_bpb_by_lr": {format(lr, "g"): d["bpb"] if math.isfinite(d["bpb"]) else None for lr, d in on_val.items()}}
+
+
+def parse_lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad value for 'dynamic_lr': {text!r}; use learning rates such as 0.03 or 0.01,0.03,0.1") from None
+    if any(lr < 0 for lr in lrs):
+        raise UserError(f"dynamic_lr must be >= 0, got {text}")
+    return [lr for lr in lrs if lr > 0]
+
+
 def check_settings(cfg: EvalConfig) -> None:
     if cfg.split not in ("val", "test"):
         raise UserError(f"bad value for 'split': {cfg.split!r}; use val or test")
-    if cfg.batch_size < 1 or cfg.stride < 0 or cfg.dynamic_lr < 0:
-        raise UserError("batch_size must be >= 1, stride >= 0 and dynamic_lr >= 0")
+    if cfg.batch_size < 1 or cfg.stride < 0:
+        raise UserError("batch_size must be >= 1 and stride >= 0")
+    parse_lrs(cfg.dynamic_lr)
     if not 1 <= cfg.ngram_order <= 8:
         raise UserError(f"ngram_order must be 1..8 (byte n-grams are packed into 64 bits), got {cfg.ngram_order}")
     if cfg.num_prompts < 0 or cfg.prompt_chars < 1:
@@ -461,44 +534,31 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     if diff := data_difference(trained, meta):
         raise UserError(f"{data_dir} holds other data than {out_dir} was trained on ({diff}); pass that run's --data_dir")
 
-    # -- 1. likelihood: one full pass
+    # -- 1, 2. likelihood (one full pass) and baselines: the headline split, and val beside test
     block_size = model.config.block_size
     stride = cfg.stride or max(1, block_size // 2)
     if stride > block_size:
         raise UserError(f"stride={stride} is larger than the model's block_size={block_size}")
-    tokens = read_split(data_dir, cfg.split, meta)
-    if len(tokens) < 2:
-        raise UserError(f"the {cfg.split} split has fewer than 2 tokens; nothing to evaluate")
-    log(f"scoring {len(tokens):,} {cfg.split} tokens (block {block_size}, stride {stride}, {device}/{dtype})...")
-    t0 = time.perf_counter()
-    total, n = strided_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
-    timings["likelihood"] = time.perf_counter() - t0
-    scored = tok.decode_bytes(tokens[1:])  # the first token is context only
-    lk = likelihood_figures(total, n, len(scored), len(scored.decode("utf-8", errors="replace")))
-    log(f"  {lk['bpb']:.4f} bpb, loss {lk['loss']:.4f} in {timings['likelihood']:.1f} s")
-    dynamic: dict[str, float] = {}
-    if cfg.dynamic_lr > 0:
-        log(f"dynamic evaluation (SGD, lr {cfg.dynamic_lr:g})...")
-        t0 = time.perf_counter()
-        total, n = dynamic_nll(model, tokens, block_size, stride, cfg.dynamic_lr, device, dtype)
-        timings["dynamic evaluation"] = time.perf_counter() - t0
-        dynamic = {"lr": cfg.dynamic_lr, **likelihood_figures(total, n, lk["bytes"], lk["chars"])}
-        log(f"  {dynamic['bpb']:.4f} bpb, loss {dynamic['loss']:.4f} in {timings['dynamic evaluation']:.1f} s")
-
-    # the texts: decoding the bins gives exactly the cleaned split texts
+    names = [cfg.split] + (["val"] if cfg.split == "test" else [])
+    tokens = {name: read_split(data_dir, name, meta) for name in names}
+    texts = {name: tok.decode(t) for name, t in tokens.items()}  # decoding the bins gives the split texts
     train_text = tok.decode(read_split(data_dir, "train", meta))
-    split_text = tok.decode(tokens)
-
-    # -- 2. baselines
-    baselines: dict[str, dict] = {}
-    if cfg.baselines:
-        t0 = time.perf_counter()
-        log("baselines:")
-        baselines, cached = cached_baselines(data_dir, cfg.split, train_text.encode("utf-8"),
-                                             split_text.encode("utf-8"), meta, cfg.ngram_order, log)
-        if cached:
-            log(f"  read from {data_dir / f'baselines_{cfg.split}.json'}")
-        timings["baselines" + (" (cached)" if cached else "")] = time.perf_counter() - t0
+    scored = {}
+    for name in names:
+        scored[name] = {"likelihood": score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype,
+                                            timings, log)}
+        if cfg.baselines:
+            t0 = time.perf_counter()
+            log(f"baselines on {name}:")
+            base, cached = cached_baselines(data_dir, name, train_text.encode("utf-8"), texts[name].encode("utf-8"),
+                                            meta, cfg.ngram_order, log)
+            if cached:
+                log(f"  read from {data_dir / f'baselines_{name}.json'}")
+            timings[f"baselines on {name}" + (" (cached)" if cached else "")] = time.perf_counter() - t0
+            scored[name]["baselines"] = base
+    lk, baselines = scored[cfg.split]["likelihood"], scored[cfg.split].get("baselines", {})
+    dynamic = dynamic_evaluation(cfg, model, tokens, scored, block_size, stride, device, dtype, timings, log)
+    tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style
     samples, mem, style = [], {}, {}
@@ -520,7 +580,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
                  "split_tokens": len(tokens), "split_bytes": len(split_text.encode("utf-8")),
                  "split_chars": len(split_text), "sha256_clean": meta.get("sha256_clean")},
         "settings": {**config_dict(cfg), "stride": stride, "block_size": block_size, "device": device, "dtype": dtype},
-        "likelihood": lk, "dynamic": dynamic, "baselines": baselines, "memorisation": mem, "style": style,
+        "likelihood": lk, "dynamic": dynamic, "baselines": baselines, "splits": scored, "memorisation": mem,
+        "style": style,
         "curves": curves,
         "samples": samples, "timings": timings,
     }

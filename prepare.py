@@ -39,8 +39,12 @@ class PrepareConfig:
     vocab_size: int = opt(4096, "vocabulary size of the bpe tokenizer (256..65536); ignored by the others")
     input: str = opt(DEFAULT_URL, "URL (downloaded once, cached in raw_dir) or path of a plain-text book")
     out_dir: str = opt("", "output folder; default data/war_and_peace_<tokenizer>")
-    val_fraction: float = opt(0.1, "fraction of the text for the validation split (after train)")
-    test_fraction: float = opt(0.0, "fraction of the text for a test split, carved from the end")
+    split_layout: str = opt("blocks", "blocks: passages of about block_fraction of the text, cut at paragraph "
+                                      "breaks, spread through the book to val and test; tail: the last val_fraction "
+                                      "and test_fraction of the text, in that order (nanoGPT's split)")
+    val_fraction: float = opt(0.05, "fraction of the text for the validation split (every choice is made on it)")
+    test_fraction: float = opt(0.05, "fraction of the text for the test split (read only by evaluate.py; 0 = none)")
+    block_fraction: float = opt(0.01, "split_layout=blocks: the size of a block, as a fraction of the text")
     encoding: str = opt("utf-8", "text encoding of the input, e.g. cp1252 or latin-1 for older files")
     gpt2_dir: str = opt("", "folder with GPT-2's vocab.bpe + encoder.json for offline gpt2 (or $BOOKGPT_GPT2_DIR)")
     raw_dir: str = opt("data/raw", "where downloaded books are cached")
@@ -185,23 +189,90 @@ def _cut(text: str, target: int) -> int:
     return i + 1  # 0 when there is no newline at all
 
 
-def split_text(text: str, val_fraction: float, test_fraction: float = 0.0) -> dict[str, str]:
-    """Train / val / (test) by position, cut at newlines: the splits concatenate back to `text`."""
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise UserError(f"bad split fractions val={val_fraction} test={test_fraction}: "
                         "need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1")
-    n = len(text)
-    a = _cut(text, int(n * (1 - val_fraction - test_fraction)))
-    b = _cut(text, int(n * (1 - test_fraction))) if test_fraction > 0 else n
-    splits = {"train": text[:a], "val": text[a:b]}
-    if test_fraction > 0:
-        splits["test"] = text[b:]
+
+
+def _check_sizes(splits: dict[str, str]) -> dict[str, str]:
     for name, part in splits.items():
         if len(part) < MIN_SPLIT_CHARS:
             raise UserError(f"text too short for the requested splits: the {name} split would have {len(part)} "
                             f"characters (at least {MIN_SPLIT_CHARS}, cut at a newline); use a longer text "
                             "or other --val_fraction/--test_fraction")
     return splits
+
+
+def split_text(text: str, val_fraction: float, test_fraction: float = 0.0) -> dict[str, str]:
+    """The tail layout: train, val, (test) by position, cut at newlines; they concatenate back to `text`."""
+    _check_fractions(val_fraction, test_fraction)
+    n = len(text)
+    a = _cut(text, int(n * (1 - val_fraction - test_fraction)))
+    b = _cut(text, int(n * (1 - test_fraction))) if test_fraction > 0 else n
+    splits = {"train": text[:a], "val": text[a:b]}
+    if test_fraction > 0:
+        splits["test"] = text[b:]
+    return _check_sizes(splits)
+
+
+def block_bounds(text: str, block_fraction: float) -> list[int]:
+    """Start offsets of round(1 / block_fraction) blocks of about equal length, then len(text). Each
+    block ends at the first paragraph break (a blank line) after its share of the text, or at a newline
+    when there is none within a quarter of a block."""
+    n, k = len(text), max(1, round(1 / block_fraction))
+    bounds = [0]
+    for i in range(1, k):
+        target = max(i * n // k, bounds[-1] + 1)
+        para = text.find("\n\n", target, target + n // (4 * k))
+        cut = para + 2 if para != -1 else _cut(text, target)
+        if bounds[-1] < cut < n:
+            bounds.append(cut)
+    return bounds + [n]
+
+
+def assign_blocks(n_blocks: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Each block's split. Val and test blocks are spread evenly through the book, each split's
+    share running at its fraction (error diffusion), test half a period behind val."""
+    share, owed = {"val": val_fraction, "test": test_fraction}, {"val": 0.5, "test": 1e-9}  # 1e-9: rounding
+    owners = []
+    for _ in range(n_blocks):
+        for k in owed:
+            owed[k] += share[k]
+        due = [k for k in owed if owed[k] >= 1]
+        owner = max(due, key=owed.__getitem__) if due else "train"
+        if due:
+            owed[owner] -= 1
+        owners.append(owner)
+    return owners
+
+
+def split_blocks(text: str, val_fraction: float, test_fraction: float,
+                 block_fraction: float = 0.01) -> tuple[dict[str, str], dict[str, Any]]:
+    """The blocks layout: the text cut into blocks of whole paragraphs, every so many going to val
+    and to test. The end of a novel is a poor sample of it (War and Peace ends with a philosophical
+    essay), so held-out text comes from all through the book. Returns the splits (each its blocks
+    in book order) and the layout for meta.json, from which the blocks concatenate back to `text`."""
+    _check_fractions(val_fraction, test_fraction)
+    if not 0 < block_fraction <= min(val_fraction, test_fraction or 1):
+        raise UserError(f"block_fraction={block_fraction} must be above 0 and at most the smaller held-out "
+                        f"fraction, so each held-out split gets whole blocks")
+    bounds = block_bounds(text, block_fraction)
+    owners = assign_blocks(len(bounds) - 1, val_fraction, test_fraction)
+    names = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    splits = {name: "".join(text[a:b] for a, b, o in zip(bounds, bounds[1:], owners) if o == name) for name in names}
+    return _check_sizes(splits), {"kind": "blocks", "block_fraction": block_fraction, "bounds": bounds,
+                                  "owners": owners}
+
+
+def join_blocks(splits: dict[str, str], layout: dict[str, Any]) -> str:
+    """The text back from its splits and their layout (the inverse of split_blocks)."""
+    taken = dict.fromkeys(splits, 0)
+    parts = []
+    for a, b, owner in zip(layout["bounds"], layout["bounds"][1:], layout["owners"]):
+        parts.append(splits[owner][taken[owner]:taken[owner] + b - a])
+        taken[owner] += b - a
+    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- write
@@ -231,6 +302,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the whole stage; returns the meta.json it wrote."""
     if cfg.tokenizer not in KINDS:
         raise UserError(f"unknown tokenizer '{cfg.tokenizer}'; choose one of {', '.join(KINDS)}")
+    if cfg.split_layout not in ("blocks", "tail"):
+        raise UserError(f"bad value for 'split_layout': {cfg.split_layout!r}; use one of blocks, tail")
     if cfg.tokenizer == "bpe":
         check_bpe_vocab_size(cfg.vocab_size)  # before any download
     out_dir = Path(cfg.out_dir or f"data/war_and_peace_{cfg.tokenizer}")
@@ -242,7 +315,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         warn(w)
     if not text:
         raise UserError(f"{source} has no text left after removing the Project Gutenberg header and licence")
-    splits = split_text(text, cfg.val_fraction, cfg.test_fraction)
+    if cfg.split_layout == "blocks":
+        splits, layout = split_blocks(text, cfg.val_fraction, cfg.test_fraction, cfg.block_fraction)
+    else:
+        splits, layout = split_text(text, cfg.val_fraction, cfg.test_fraction), {"kind": "tail"}
 
     # char: the vocabulary is every character of the book, so val/test are always encodable.
     # bpe: merges are learned from the training split only, so val/test stay unseen.
@@ -267,6 +343,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "sha256_raw": sha256(raw),
         "sha256_clean": sha256(text.encode("utf-8")),
         "fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction},
+        "layout": layout,
         "splits": counts,
         "prepared_with": "prepare.py",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -482,6 +482,7 @@ class Trainer:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
         self.lr = cfg.learning_rate
         self.bar: Any = None
+        self.by_time = False
         self.start_logging()
 
     def resume(self, model_cfg: GPTConfig) -> None:
@@ -586,7 +587,8 @@ class Trainer:
         self.save("latest")
 
     def log_train(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self.bar.set_postfix(**({"step": step} if self.by_time else {}), loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
+                             tok_s=f"{tokens_per_s:,.0f}")
         record = {"kind": "train", "iter": step, "loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s,
                   "time_s": self.state["train_seconds"]}
         if self.scaler.is_enabled():
@@ -613,7 +615,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
         cfg, d, state = self.cfg, self.d, self.state
-        self.bar = tqdm(total=cfg.max_iters, initial=state["iter_num"], disable=not d.master, dynamic_ncols=True)
+        # the bar shows what ends the run: steps, or under a max_minutes cap the training seconds
+        self.by_time = cfg.max_minutes > 0
+        total = round(cfg.max_minutes * 60) if self.by_time else cfg.max_iters
+        done = int(state["train_seconds"]) if self.by_time else state["iter_num"]
+        self.bar = tqdm(total=total, initial=min(done, total), disable=not d.master, dynamic_ncols=True,
+                        unit="s" if self.by_time else "it", desc=f"{cfg.max_minutes:g}-minute cap" if self.by_time else None)
         decay_iters = cfg.lr_decay_iters or cfg.max_iters
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.lr = cfg.learning_rate * lr_factor(cfg, state["iter_num"], state["iter_num"] / decay_iters)
@@ -638,7 +645,7 @@ class Trainer:
             state["iter_num"] = step
             state["tokens_seen"] += tokens_per_step
             state["train_seconds"] += time.perf_counter() - t0
-            self.bar.update(1)
+            self.bar.update(min(int(state["train_seconds"]), self.bar.total) - self.bar.n if self.by_time else 1)
             if loss_value is not None and d.master:
                 tps = (state["tokens_seen"] - tokens_last) / max(state["train_seconds"] - seconds_last, 1e-9)
                 seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]

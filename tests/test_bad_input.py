@@ -69,12 +69,14 @@ def byte_data(tiny_char_data: Path, root: Path) -> Path:
     """The same text as tiny_char_data, hand-written as a byte-level data folder (vocab 256)."""
     char = load_tokenizer(tiny_char_data)
     meta = json.loads((tiny_char_data / "meta.json").read_text())
-    parts = {s: char.decode(np.fromfile(tiny_char_data / f"{s}.bin", dtype=np.uint8)).encode() for s in ("train", "val")}
+    texts = {s: char.decode(np.fromfile(tiny_char_data / f"{s}.bin", dtype=np.uint8)) for s in meta["splits"]}
+    parts = {s: t.encode() for s, t in texts.items()}
     root.mkdir(parents=True)
     for s, raw in parts.items():
         (root / f"{s}.bin").write_bytes(raw)
     byte_meta = {"tokenizer": {"kind": "byte"}, "vocab_size": 256, "dtype": "uint8",
-                 "sha256_clean": hashlib.sha256(parts["train"] + parts["val"]).hexdigest(),
+                 "sha256_clean": hashlib.sha256(prepare.join_blocks(texts, meta["layout"]).encode()).hexdigest(),
+                 "fractions": meta["fractions"], "layout": meta["layout"],
                  "splits": {s: {"tokens": len(raw), "chars": len(raw.decode()), "bytes": len(raw)}
                             for s, raw in parts.items()}}
     assert byte_meta["sha256_clean"] == meta["sha256_clean"]  # same book, other tokenizer
@@ -350,6 +352,13 @@ def test_splits_are_whole_lines_or_a_user_error(lines: list[str], val: float, te
         return
     assert "".join(splits.values()) == text
     assert all(part.endswith("\n") and len(part) >= prepare.MIN_SPLIT_CHARS for part in splits.values())
+    try:
+        blocks, layout = prepare.split_blocks(text, val, test or 0.05, 0.05)
+    except UserError as e:
+        assert "too short" in str(e)
+        return
+    assert prepare.join_blocks(blocks, layout) == text
+    assert all(part.endswith("\n") and len(part) >= prepare.MIN_SPLIT_CHARS for part in blocks.values())
 
 
 @settings(max_examples=60, deadline=None)

@@ -50,6 +50,12 @@ def test_one_same_data_check_for_resume_distillation_and_evaluation() -> None:
         "split fractions {'val': 0.1, 'test': 0.0} vs {'val': 0.2, 'test': 0.0}"
     old = {k: v for k, v in meta.items() if k != "fractions"}  # a checkpoint from before a key existed
     assert data_difference(old, meta) == ""
+    # folders from before the split layout was recorded were all split at the tail
+    blocks = {**meta, "layout": {"kind": "blocks", "bounds": [0, 5, 9], "owners": ["train", "val"]}}
+    assert data_difference(meta, blocks) == "split layout tail vs blocks"
+    assert data_difference(blocks, {**blocks, "layout": {**blocks["layout"], "bounds": [0, 6, 9]}}) == \
+        "split layout blocks vs blocks with other blocks"
+    assert data_difference(meta, {**meta, "layout": {"kind": "tail"}}) == ""
     ckpt = {"meta": meta, "model_config": dataclasses.asdict(GPTConfig(vocab_size=94)), "config": {}}
     with pytest.raises(UserError, match=r"cannot resume from ckpt.pt: it was trained on other data than data_dir "
                                         r"\(split fractions .*\); pass the run's --data_dir"):

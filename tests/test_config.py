@@ -105,7 +105,7 @@ def test_make_demo_prepares_what_its_preset_trains_and_samples_where_the_scripts
     assert f"--out_dir={cfg.data_dir}" in prepare and "--tokenizer=bpe" in prepare and "--vocab_size=2048" in prepare
     run = re.search(r"^RUN \?= (\S+)$", makefile, re.M).group(1)
     assert run == cfg.out_dir == sample.DEFAULT_RUN  # sample.py, evaluate.py and app.py find the demo's run
-    assert cfg.max_minutes == 10.0
+    assert (cfg.max_iters, cfg.max_minutes) == (600, 0.0)  # a step budget: the same run on any machine
 
 
 def test_split_argv_and_atomic_write(tmp_path: Path) -> None:

@@ -220,11 +220,17 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     saved = json.loads((run / "eval.json").read_text(encoding="utf-8"))
     lk = saved["likelihood"]
     meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
-    assert lk["tokens"] == meta["splits"]["val"]["tokens"] - 1  # the whole split, first token as context
-    assert lk["bytes"] == meta["splits"]["val"]["bytes"] - 1
-    assert lk["bpb"] == pytest.approx(lk["loss"] * lk["tokens"] / lk["bytes"] / math.log(2))
-    assert 2.0 < lk["bpb"] < 6.0  # trained a little: better than uniform over 100+ chars (6.7 bits)
-    assert set(saved["baselines"]) == {"unigram", "kn2", "kn3", "kn4", "mkn4", "zlib", "bz2", "xz"}
+    # the headline is test, every token of it (the first as context only); val is scored beside it
+    assert saved["data"]["split"] == "test" and list(saved["splits"]) == ["test", "val"]
+    assert saved["splits"]["test"]["likelihood"] == lk
+    for name in ("test", "val"):
+        sp = saved["splits"][name]["likelihood"]
+        assert sp["tokens"] == meta["splits"][name]["tokens"] - 1 and sp["bytes"] == meta["splits"][name]["bytes"] - 1
+        assert sp["bpb"] == pytest.approx(sp["loss"] * sp["tokens"] / sp["bytes"] / math.log(2))
+        assert 2.0 < sp["bpb"] < 6.0  # trained a little: better than uniform over 100+ chars (6.7 bits)
+        assert set(saved["splits"][name]["baselines"]) == {"unigram", "kn2", "kn3", "kn4", "mkn4", "zlib", "bz2", "xz"}
+    assert saved["baselines"] == saved["splits"]["test"]["baselines"]
+    assert "test" in out.splitlines()[1] and "val" in out.splitlines()[1]  # the two columns of the summary
     assert len(saved["samples"]) == 3 and all(len(s["generated"]) == 60 for s in saved["samples"])
     assert all(len(s["reference"]) == 60 for s in saved["samples"])
     assert 0.0 <= saved["memorisation"]["generated"]["char30_share"] <= 1.0
@@ -233,9 +239,10 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     for heading in ("## Held-out likelihood", "## Baselines", "## Overfitting", "## Memorisation", "## Style", "## Samples"):
         assert heading in report
     assert f"{lk['bpb']:.4f}" in report and saved["samples"][0]["generated"] in report
+    assert "| measure | test | val |" in report and "**test** is the headline" in report
     for png in ("loss_curves.png", "bpb_baselines.png"):
         assert f"]({png})" in report and (run / png).read_bytes().startswith(b"\x89PNG")
-    assert (data / "baselines_val.json").is_file()
+    assert (data / "baselines_val.json").is_file() and (data / "baselines_test.json").is_file()
     # a second run reads the cached baselines and gets the same figures
     again = E.main(args + ["--num_prompts=0"])
     assert any(k.endswith("(cached)") for k in again["timings"])
@@ -245,14 +252,22 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
 
 def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     run, _ = tiny_eval_run
-    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32", "--dynamic_lr=0.05"])
+    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32",
+                 "--dynamic_lr=0.05,0.5,5"])
     dyn, lk = ev["dynamic"], ev["likelihood"]
-    assert dyn["lr"] == 0.05 and dyn["tokens"] == lk["tokens"] and dyn["bytes"] == lk["bytes"]
+    # each rate scored on val, the best one then on test, the headline
+    by_lr = dyn["val_bpb_by_lr"]
+    assert set(by_lr) == {"0.05", "0.5", "5"} and dyn["chosen_on"] == "val"
+    assert format(dyn["lr"], "g") == min((k for k in by_lr if by_lr[k] is not None), key=by_lr.get)
+    assert dyn["tokens"] == lk["tokens"] and dyn["bytes"] == lk["bytes"]  # the figures are test's
     assert dyn["bpb"] == pytest.approx(dyn["loss"] * dyn["tokens"] / dyn["bytes"] / math.log(2))
     assert dyn["bpb"] != pytest.approx(lk["bpb"], rel=1e-4)
-    assert "bpb, dynamic evaluation (lr 0.05)" in capsys.readouterr().out
+    assert f"bpb, dynamic evaluation (lr {dyn['lr']:g})" in capsys.readouterr().out
     assert f"**{dyn['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
-    assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"] == pytest.approx(dyn)
+    saved = json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"]
+    assert saved["val_bpb_by_lr"]["5"] is None  # lr 5 diverged on val: recorded, never chosen
+    assert {k: v for k, v in saved.items() if k != "val_bpb_by_lr"} == \
+        pytest.approx({k: v for k, v in dyn.items() if k != "val_bpb_by_lr"})
 
 
 @pytest.mark.slow
@@ -276,9 +291,9 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
         E.main([f"--out_dir={run}", f"--data_dir={other}", "--num_prompts=0", "--baselines=false"])
 
 
-@pytest.mark.parametrize("arg, says", [("--split=test", "no test split"), ("--split=train", "use val or test"),
+@pytest.mark.parametrize("arg, says", [("--dynamic_lr=fast", "use learning rates such as"), ("--split=train", "use val or test"),
                                        ("--stride=1000", "larger than the model's block_size"),
-                                       ("--dynamic_lr=-1", "dynamic_lr >= 0"),
+                                       ("--dynamic_lr=-1", "dynamic_lr must be >= 0"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run

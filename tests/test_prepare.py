@@ -146,6 +146,38 @@ def test_splits_cut_at_newlines_and_concatenate(clean_book: str, val: float, tes
         assert abs(len(splits["test"]) - test * n) < 200
 
 
+@pytest.mark.parametrize("val,test,block", [(0.05, 0.05, 0.01), (0.1, 0.0, 0.01), (0.05, 0.1, 0.02), (0.2, 0.2, 0.05)])
+def test_blocks_are_whole_paragraphs_spread_through_the_book(clean_book: str, val: float, test: float,
+                                                             block: float) -> None:
+    splits, layout = P.split_blocks(clean_book, val, test, block)
+    bounds, owners = layout["bounds"], layout["owners"]
+    assert bounds[0] == 0 and bounds[-1] == len(clean_book) and bounds == sorted(set(bounds))  # disjoint, in order
+    assert len(owners) == len(bounds) - 1 == round(1 / block)
+    assert all(clean_book[b - 2:b] == "\n\n" for b in bounds[1:-1])  # every cut at a paragraph break
+    assert P.join_blocks(splits, layout) == clean_book
+    assert sum(map(len, splits.values())) == len(clean_book)
+    size = len(clean_book) * block
+    for name, fraction in (("val", val), ("test", test)):
+        got = len(splits.get(name, ""))
+        assert abs(got - fraction * len(clean_book)) <= 1.5 * size  # within a block of the request
+        held = [i for i, o in enumerate(owners) if o == name]
+        if len(held) > 1:  # spread evenly: gaps between held-out blocks differ by at most one block
+            gaps = [b - a for a, b in zip(held, held[1:])]
+            assert max(gaps) - min(gaps) <= 1
+    assert not set(i for i, o in enumerate(owners) if o == "val") & set(i for i, o in enumerate(owners) if o == "test")
+    if test:  # the book's end is not the whole test split
+        assert owners.count("test") >= 2 and owners.index("test") < len(owners) // 2
+
+
+def test_the_default_holds_out_passages_not_the_ending(clean_book: str) -> None:
+    """War and Peace ends with the second epilogue, an essay on history: a tail split scores that."""
+    tail = P.split_text(clean_book, 0.05, 0.05)
+    blocks, layout = P.split_blocks(clean_book, 0.05, 0.05)
+    assert "Second Epilogue".upper() in tail["test"].upper() or "EPILOGUE" in tail["test"].upper()
+    assert layout["owners"].count("val") == layout["owners"].count("test") == 5
+    assert blocks["val"].count("Natásha") > 0 and blocks["test"].count("Pierre") > 0  # the novel's people, not an essay
+
+
 def test_split_errors() -> None:
     with pytest.raises(UserError, match="val split would have 0 characters"):
         P.split_text("x" * 1000 + "\n", 0.1)  # no newline to cut at
@@ -160,25 +192,25 @@ def test_split_errors() -> None:
 
 @pytest.mark.parametrize("kind", ["char", "byte", "gpt2", "bpe"])
 def test_prepare_the_real_book(kind: str, book_path: Path, clean_book: str, tmp_path: Path) -> None:
-    meta = P.prepare(cfg(tmp_path, tokenizer=kind, input=str(book_path), vocab_size=512, test_fraction=0.05))
+    meta = P.prepare(cfg(tmp_path, tokenizer=kind, input=str(book_path), vocab_size=512))
     out = tmp_path / "out"
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["source"] == str(book_path.resolve())
     assert meta["sha256_raw"] == P.DEFAULT_SHA256
     assert meta["sha256_clean"] == hashlib.sha256(clean_book.encode()).hexdigest()
-    assert meta["fractions"] == {"val": 0.1, "test": 0.05}
+    assert meta["fractions"] == {"val": 0.05, "test": 0.05} and meta["layout"]["kind"] == "blocks"  # the defaults
     assert meta["dtype"] == ("uint8" if kind in ("char", "byte") else "uint16")
     assert meta["vocab_size"] == {"char": 104, "byte": 256, "gpt2": 50257, "bpe": 512}[kind]
     tok = load_tokenizer(out)
-    texts = []
+    texts = {}
     for split in ("train", "val", "test"):
         ids = np.memmap(out / f"{split}.bin", dtype=meta["dtype"], mode="r")
         counts = meta["splits"][split]
         assert ids.size == counts["tokens"] == (out / f"{split}.bin").stat().st_size // ids.itemsize
         text = tok.decode(ids)
         assert (len(text), len(text.encode())) == (counts["chars"], counts["bytes"])
-        texts.append(text)
-    assert "".join(texts) == clean_book
+        texts[split] = text
+    assert P.join_blocks(texts, meta["layout"]) == clean_book  # the bins are the book, block by block
     assert sum(c["chars"] for c in meta["splits"].values()) == len(clean_book)
 
 
@@ -187,7 +219,7 @@ def test_bpe_output_is_deterministic(book_path: Path, tmp_path: Path) -> None:
     for run in ("a", "b"):
         P.prepare(cfg(tmp_path, tokenizer="bpe", vocab_size=300, input=str(book_path), out_dir=str(tmp_path / run)))
         files.append({p.name: p.read_bytes() for p in (tmp_path / run).iterdir() if p.name != "meta.json"})
-    assert files[0] == files[1] and set(files[0]) == {"bpe.tiktoken", "train.bin", "val.bin"}
+    assert files[0] == files[1] and set(files[0]) == {"bpe.tiktoken", "train.bin", "val.bin", "test.bin"}
 
 
 def test_custom_book_and_stale_test_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -195,7 +227,7 @@ def test_custom_book_and_stale_test_split(tmp_path: Path, capsys: pytest.Capture
     P.prepare(cfg(tmp_path, input=path, test_fraction=0.1))
     assert (tmp_path / "out" / "test.bin").exists()
     assert "no Project Gutenberg START/END markers" in capsys.readouterr().err
-    meta = P.prepare(cfg(tmp_path, input=path))
+    meta = P.prepare(cfg(tmp_path, input=path, test_fraction=0.0))
     assert not (tmp_path / "out" / "test.bin").exists() and "test" not in meta["splits"]
     assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == len(story())
 

@@ -296,3 +296,29 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tiny_char_data: Path, tm
     rec = json.loads((out / "fail" / "huge" / "sweep_run.json").read_text())
     assert rec["status"] == "failed" and rec["returncode"] == 2
     assert "failed: " in (out / "fail" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """Only evaluate.py reads test: with test.bin gone from disk after prepare.py, training and a sweep
+    run as before, and evaluate.py asks for the test split in one line (or scores val when told to)."""
+    import shutil
+
+    import evaluate as E
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_char_data, data)
+    (data / "test.bin").unlink()
+    f = write_sweep(tmp_path / "notest.toml", fixed={**tiny_fixed(data), "max_iters": 6, "eval_interval": 3},
+                    grid={"seed": [1, 2]})
+    out = tmp_path / "out"
+    assert S.main([str(f), f"--out_root={out}"]) == 0
+    assert [r["status"] for r in _rows(out / "notest" / "results.csv")] == ["finished", "finished"]
+    run = out / "notest" / _rows(out / "notest" / "results.csv")[0]["run"]
+    with pytest.raises(UserError, match=rf"^no test split in {data}: {data / 'test.bin'} is missing; prepare.py "
+                                        r"writes one by default \(data prepared without one: prepare it again, or "
+                                        r"evaluate --split=val\)$"):
+        E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false"])
+    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val"])
+    assert list(ev["splits"]) == ["val"] and ev["data"]["split"] == "val"
