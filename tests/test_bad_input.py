@@ -157,6 +157,27 @@ def test_train_resume_on_other_data(error_line, tiny_char_data: Path, run_dir: P
                     f"(vocab 94 vs 256); pass the run's --data_dir")
 
 
+def test_a_folder_prepared_before_the_test_split_still_trains_and_evaluates(book_text: str, tmp_path: Path) -> None:
+    """Older prepare.py wrote a tail split (val the last 10%, no test) and no layout in meta.json."""
+    import evaluate
+
+    src = tmp_path / "book.txt"
+    src.write_text(book_text[:200_000], encoding="utf-8")
+    data = tmp_path / "old"
+    prepare.prepare(prepare.PrepareConfig(input=str(src), out_dir=str(data), split_layout="tail",
+                                          val_fraction=0.1, test_fraction=0.0))
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["layout"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    run = tmp_path / "run"
+    train.train(parse_config(train.TrainConfig, tiny(data, run, max_iters=4, eval_interval=2)))
+    train.train(parse_config(train.TrainConfig, tiny(data, run, max_iters=6, eval_interval=2, init_from="resume")))
+    with pytest.raises(UserError, match="no test split in .*; prepare.py writes one by default"):
+        evaluate.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false"])
+    ev = evaluate.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val"])
+    assert ev["likelihood"]["tokens"] == meta["splits"]["val"]["tokens"] - 1
+
+
 def test_hand_made_byte_data_trains(tiny_char_data: Path, tmp_path: Path) -> None:
     # the byte folder above is a real data folder: train.py and the byte tokenizer accept it
     data = byte_data(tiny_char_data, tmp_path / "bytes")
