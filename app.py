@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from checkpoint import FILES, checkpoint_path, load_for_inference
+from checkpoint import FILES, checkpoint_path, load_for_inference, newest_run
 from common import read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, cli, opt, parse_config
-from sample import DEFAULT_RUN, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
+from sample import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).
@@ -35,7 +35,7 @@ EXAMPLES = ["Well, Prince, so Genoa and Lucca are now just family estates of the
 
 @dataclass
 class AppConfig:
-    out_dir: str = opt(DEFAULT_RUN, "run shown first (a directory written by train.py)")
+    out_dir: str = opt("", "run shown first (a directory written by train.py; '' = the newest run under out/)")
     runs_dir: str = opt("out", "other runs offered on the page: folders under here with best.pt or ckpt.pt")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 to share on the network)")
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"max_tokens_limit must be between 1 and {MAX_NEW_TOKENS:,}, got {cfg.max_tokens_limit}")
     if cfg.concurrency < 1 or cfg.queue_size < 1:
         raise UserError("concurrency and queue_size must be at least 1")
-    cfg.out_dir = str(Path(cfg.out_dir))  # one spelling, as find_runs writes it
+    cfg.out_dir = str(Path(cfg.out_dir) if cfg.out_dir else newest_run(cfg.runs_dir))  # one spelling, as find_runs writes it
     runs = Runs(cfg)
     model, _ = runs.get(cfg.out_dir)  # a bad run is a clear error now, not a broken page later
     # Before gradio is imported: it reads these once. The page must not phone home or need the internet.

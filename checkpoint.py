@@ -123,11 +123,21 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     return model
 
 
+def newest_run(root: str | Path = "out") -> Path:
+    """The run folder under `root` whose checkpoint was written last: the run just trained (what
+    sample.py, evaluate.py, app.py and a bare --init_from=resume use when no --out_dir is given)."""
+    found = [p for name in FILES.values() for p in Path(root).rglob(name)] if Path(root).is_dir() else []
+    if not found:
+        raise UserError(f"no trained run under {root}/: train one first (python train.py) or pass --out_dir=RUN")
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
 def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """The trained model (eval mode, on device) and info: config, meta, tokenizer, iter_num, best_val_loss."""
+    """The trained model (eval mode, on device) and info: config, meta, tokenizer, iter_num, best_val_loss,
+    path, out_dir. An empty out_dir means the newest run under out/."""
     from tokenizer import tokenizer_from_meta  # here, so model-only users need not import tokenizer deps
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if str(out_dir) else newest_run()
     if not out_dir.is_dir():
         raise UserError(f"run directory not found: {out_dir} (pass --out_dir=out/RUN of a trained run)")
     path = checkpoint_path(out_dir, which)
@@ -135,7 +145,7 @@ def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     meta = ckpt["meta"]
     info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}
-    info.update(meta=meta, path=str(path), tokenizer=tokenizer_from_meta(meta, out_dir))
+    info.update(meta=meta, path=str(path), out_dir=str(out_dir), tokenizer=tokenizer_from_meta(meta, out_dir))
     return model, info
 
 

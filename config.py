@@ -112,8 +112,20 @@ def load_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML config file; tables are rejected so every key stays visible."""
-    data = load_toml(path)
+    """Read a flat config file: TOML, or the config.json a run saved (JSON: data too). Tables are
+    rejected so every key stays visible."""
+    if str(path).endswith(".json"):
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot parse config file {p}: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} is not a JSON object of key: value pairs")
+    else:
+        data = load_toml(path)
     for k, v in data.items():
         if isinstance(v, dict):
             raise UserError(f"config file {path}: table [{k}] is not supported, write flat 'key = value' lines")
@@ -149,10 +161,11 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
             else:
                 k, v = body, "true"  # a bare --flag means true
             overrides[k.replace("-", "_")] = v
-        elif a.endswith(".toml"):
+        elif a.endswith((".toml", ".json")):
             files.append(a)
         else:
-            raise UserError(f"unexpected argument '{a}': pass config files ending in .toml and --key=value options")
+            raise UserError(f"unexpected argument '{a}': pass config files (.toml, or a run's config.json) and "
+                            f"--key=value options")
         i += 1
     return files, overrides
 

@@ -36,13 +36,13 @@ from baselines import baseline_label, cached_baselines
 from checkpoint import data_difference, load_for_inference
 from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
-from sample import DEFAULT_RUN, TEMPERATURE, TOP_K, TOP_P, check_sampling
+from sample import TEMPERATURE, TOP_K, TOP_P, check_sampling
 from textstats import NAMES, TrainIndex, memorisation, style_distance, style_stats
 from tokenizer import read_meta
 
 @dataclass
 class EvalConfig:
-    out_dir: str = opt(DEFAULT_RUN, "run directory written by train.py")
+    out_dir: str = opt("", "run directory written by train.py ('' = the newest run under out/)")
     split: str = opt("test", "the headline split: test (val is scored beside it), or val alone for data without one")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
@@ -522,7 +522,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, info = load_for_inference(out_dir, cfg.ckpt, device)
+    model, info = load_for_inference(cfg.out_dir, cfg.ckpt, device)
+    out_dir = Path(info["out_dir"])
+    log(f"evaluating {info['path']} (step {info['iter_num']:,})")
     tok = info["tokenizer"]
     data_dir = Path(cfg.data_dir or (info.get("config") or {}).get("data_dir", ""))
     if not data_dir.is_dir():

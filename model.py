@@ -30,18 +30,19 @@ warnings.filterwarnings("ignore", message="Mismatch dtype between input and weig
 @dataclass
 class GPTConfig:
     """The model's keys: the one place they are defined, given defaults and checked. train.py's
-    TrainConfig takes them from here, so they are train.py's command-line keys too."""
+    TrainConfig takes them from here, so they are train.py's command-line keys too. The defaults are
+    the recommended CPU recipe's model (config/wp_bpe_cpu.toml): 6 x 256, rotary, RMSNorm, QK-norm."""
     block_size: int = opt(256, "context length in tokens")
     vocab_size: int = opt(0, "vocabulary size (0 = the data's, from data_dir/meta.json)")
     n_layer: int = opt(6, "transformer blocks")
-    n_head: int = opt(6, "attention heads")
-    n_embd: int = opt(384, "embedding width")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(256, "embedding width")
     dropout: float = opt(0.2, "dropout probability (attention, residual, embedding); none in eval mode")
     bias: bool = opt(False, "biases in Linear layers and norms (GPT-2 had them)")
-    pos_emb: str = opt("learned", "learned (absolute positions) or rope (rotary)")
-    norm: str = opt("layernorm", "layernorm or rmsnorm")
-    qk_norm: bool = opt(False, "normalise queries and keys per head before attention")
-    mlp: str = opt("gelu", "gelu, relu2 (squared ReLU) or swiglu")
+    pos_emb: str = opt("rope", "rope (rotary) or learned (absolute positions, GPT-2's)")
+    norm: str = opt("rmsnorm", "rmsnorm or layernorm")
+    qk_norm: bool = opt(True, "normalise queries and keys per head before attention")
+    mlp: str = opt("relu2", "relu2 (squared ReLU), gelu or swiglu")
     mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd (swiglu uses 2/3 of it: the same parameters)")
     tie_weights: bool = opt(True, "tie the output head to the token embedding")
     logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")

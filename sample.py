@@ -1,5 +1,6 @@
 """Generate text from a trained run, streamed to the terminal as it is written.
 
+    python sample.py --prompt="Prince Andrew" --num_samples=3       # the run just trained (the newest under out/)
     python sample.py --out_dir=out/wp_bpe_cpu --prompt="Prince Andrew" --num_samples=3
     python sample.py --out_dir=out/wp_bpe_cpu --prompt_file=prompt.txt --temperature=0
 
@@ -21,7 +22,6 @@ from model import GPT
 from common import autocast, resolve_device, resolve_dtype
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
-DEFAULT_RUN = "out/wp_bpe_cpu"  # where `make demo` trains config/wp_bpe_cpu.toml
 # The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: temperature
 # 0.9, no top-k or top-p truncation. On the BPE-2048 preset this copies training text at the real
 # text's rate and misspells about as often as the book does; top-k 50 / top-p 0.95 made the 4-layer
@@ -32,7 +32,7 @@ TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 
 @dataclass
 class SampleConfig:
-    out_dir: str = opt(DEFAULT_RUN, "run directory written by train.py")
+    out_dir: str = opt("", "run directory written by train.py ('' = the newest run under out/)")
     ckpt: str = opt("best", "best (lowest val loss) or latest")
     prompt: str = opt("\n", "text to continue")
     prompt_file: str = opt("", "read the prompt from this file instead")
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
     model, info = load_for_inference(cfg.out_dir, cfg.ckpt, device)
     tokenizer = info["tokenizer"]
     encode_prompt(tokenizer, prompt)  # fail on a bad prompt before printing anything
+    print(f"sampling from {info['path']} (step {info['iter_num']:,})", file=sys.stderr, flush=True)
     dtype = resolve_dtype(cfg.dtype, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = sys.stdout

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
+from checkpoint import FILES, check_resumable, checkpoint_path, load_checkpoint, newest_run, save_checkpoint
 from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_state, read_metrics, resolve_device,
                     resolve_dtype, set_device_rng_state)
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
+from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
 from distill import Teacher, distill_loss
 from model import GPT, GPTConfig
 from optim import lr_factor, make_optimizers, optimizer_step, set_lr
@@ -44,18 +44,20 @@ from tokenizer import read_meta
 
 @dataclass
 class TrainConfig(GPTConfig):
-    """The model's keys (model.GPTConfig, listed first by --help), then these."""
+    """The model's keys (model.GPTConfig, listed first by --help), then these. The defaults are the
+    recommended CPU recipe (config/wp_bpe_cpu.toml says so with its reasons): `python train.py` trains it."""
     # where things are
-    out_dir: str = opt("out/run", "run directory for checkpoints, metrics and config")
-    data_dir: str = opt("data/war_and_peace_char", "folder written by prepare.py")
-    init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt)")
+    out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
+    data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
+    init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt, with out_dir/config.json)")
+    overwrite: bool = opt(False, "let a scratch run replace the checkpoints already in out_dir")
     # batches
     batch_size: int = opt(32, "sequences per micro-batch per process")
     gradient_accumulation_steps: int = opt(1, "micro-batches per step, summed over all processes")
     # optimiser
-    optimizer: str = opt("adamw", "adamw, or muon (Muon for hidden matrices, AdamW for the rest)")
-    learning_rate: float = opt(1e-3, "peak AdamW learning rate")
-    min_lr: float = opt(1e-4, "learning rate at the end of the decay")
+    optimizer: str = opt("muon", "muon (Muon for the hidden matrices, AdamW for the rest), or adamw")
+    learning_rate: float = opt(2e-3, "peak AdamW learning rate")
+    min_lr: float = opt(2e-4, "AdamW's learning rate at the end of the decay (Muon's ends at the same fraction)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
@@ -68,14 +70,14 @@ class TrainConfig(GPTConfig):
     distill_weight: float = opt(0.5, "share of the loss that is cross-entropy against the teachers' mean distribution")
     # schedule and budget
     lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
-    warmup_iters: int = opt(100, "linear warmup steps")
+    warmup_iters: int = opt(50, "linear warmup steps")
     lr_decay_iters: int = opt(0, "steps until min_lr (0 = max_iters)")
     decay_frac: float = opt(0.2, "wsd: share of the run spent decaying")
-    max_iters: int = opt(5000, "stop after this many steps")
+    max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
     max_minutes: float = opt(0.0, "stop after this much training time; the LR schedule follows it too (0 = off)")
-    early_stop_patience: int = opt(0, "stop when val has not improved for this many evals (0 = off)")
+    early_stop_patience: int = opt(5, "stop when val has not improved for this many evals (0 = off)")
     # evaluation and logging
-    eval_interval: int = opt(250, "evaluate every N steps")
+    eval_interval: int = opt(100, "evaluate every N steps")
     eval_iters: int = opt(20, "batches per split per evaluation")
     log_interval: int = opt(10, "log train loss every N steps")
     wandb_log: bool = opt(False, "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -447,6 +449,9 @@ class Trainer:
                         for s in ("train", "val")}
         self.teacher_runs = [r.strip() for r in cfg.distill_from.split(",") if r.strip()]
         self.teacher = Teacher(self.teacher_runs, self.meta, cfg.block_size, self.device) if self.teacher_runs else None
+        if cfg.init_from == "scratch" and not cfg.overwrite and any((self.out_dir / f).is_file() for f in FILES.values()):
+            raise UserError(f"{self.out_dir} already holds a trained run; continue it with --init_from=resume, train "
+                            f"into another --out_dir, or replace it with --overwrite=true")
         if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
             check_writable(self.out_dir)
             remove_stale_temps(self.out_dir)
@@ -499,6 +504,8 @@ class Trainer:
         self.state.update({k: ckpt[k] for k in self.state})
         if self.d.rank < len(ckpt["rng"]):  # a job resumed with more processes: the new ones start fresh streams
             set_rng_state(ckpt["rng"][self.d.rank], self.gen, self.device)
+        if self.d.master:
+            print(f"resumed from step {self.state['iter_num']} ({path})")
 
     def start_logging(self) -> None:
         cfg, d, meta = self.cfg, self.d, self.meta
@@ -687,9 +694,44 @@ class Trainer:
         return summary
 
 
+# What a resumed run's command line may change: budgets, intervals, logging, the device, and the keys
+# that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
+MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
+                        "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "wandb_log",
+                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "threads",
+                        "overwrite", *(f.name for f in fields(GPTConfig))}
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """The config a command line means, as parse_config reads it; with --init_from=resume, on top of the
+    run's own config.json: `--init_from=resume --out_dir=RUN` resumes with nothing else, and a flag
+    that would change the run itself (its learning rate, batches, seed, ...) is refused rather than
+    silently mixed into it."""
+    files, overrides = split_argv(argv)
+    if overrides.get("init_from") == "resume":
+        out_dir = overrides.get("out_dir") or (parse_config(TrainConfig, files).out_dir if files else "")
+        run_dir = Path(out_dir) if out_dir else newest_run()
+        saved = run_dir / "config.json"
+        if saved.is_file():
+            cfg = parse_config(TrainConfig, [str(saved), *argv, f"--out_dir={run_dir}"])
+            was = parse_config(TrainConfig, [str(saved)])
+            changed = [k for k in asdict(cfg) if k not in MAY_CHANGE_ON_RESUME and getattr(cfg, k) != getattr(was, k)]
+            if changed:
+                pairs = ", ".join(f"{k}: {getattr(was, k)!r} there vs {getattr(cfg, k)!r} now" for k in changed)
+                raise UserError(f"cannot change {pairs} when resuming {run_dir}: a resume continues the same run "
+                                f"(it may change budgets, intervals, logging and the device); start a new --out_dir")
+            print(f"resuming {run_dir} with its own config ({saved})")
+            if cfg.max_iters != was.max_iters and not cfg.lr_decay_iters:
+                print(f"max_iters {was.max_iters} -> {cfg.max_iters}: the learning rate now decays over {cfg.max_iters} "
+                      f"steps from where the run stands (--lr_decay_iters={was.max_iters} keeps the old schedule)")
+            return cfg
+    return parse_config(TrainConfig, argv)
+
+
 def main(argv: list[str]) -> None:
-    cfg = parse_config(TrainConfig, argv, prog="train.py", doc=__doc__.split("\n\n")[0])
-    train(cfg)
+    if any(a in ("-h", "--help") for a in argv):
+        parse_config(TrainConfig, argv, prog="train.py", doc=__doc__.split("\n\n")[0])
+    train(load_config(argv))
 
 
 if __name__ == "__main__":

@@ -136,9 +136,9 @@ def test_train_resume_from_a_truncated_checkpoint(error_line, tiny_char_data: Pa
 
 @pytest.mark.parametrize("change, message", [
     ({"n_embd": 48}, "the model differs (n_embd: checkpoint 32 vs now 48); use the run's config"),
-    ({"n_layer": 2, "mlp": "swiglu"}, "the model differs (n_layer: checkpoint 1 vs now 2, mlp: checkpoint 'gelu' "
+    ({"n_layer": 2, "mlp": "swiglu"}, "the model differs (n_layer: checkpoint 1 vs now 2, mlp: checkpoint 'relu2' "
                                       "vs now 'swiglu')"),
-    ({"optimizer": "muon"}, "it was trained with optimizer=adamw, not muon; pass --optimizer=adamw"),
+    ({"optimizer": "adamw"}, "it was trained with optimizer=muon, not adamw; pass --optimizer=muon"),
 ])
 def test_train_resume_with_an_incompatible_config(error_line, tiny_char_data: Path, run_dir: Path, tmp_path: Path,
                                                   change: dict, message: str) -> None:

@@ -43,7 +43,8 @@ def test_windows_score_every_target_once_with_enough_context(n: int, block: int,
 
 def tiny_gpt(vocab: int = 11, block: int = 16, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16, pos_emb="learned",
+                          norm="layernorm", qk_norm=False, mlp="gelu"))
     for p in model.parameters():  # larger weights than GPT init: predictions that depend on context
         torch.nn.init.normal_(p, std=0.3)
     return model.eval()

@@ -142,7 +142,7 @@ def test_kill_9_at_random_moments_and_mid_write_then_resume_matches_an_unbroken_
         f.write('{"kind": "train", "iter": 99')
 
     # 3. the last resume runs to the end; it must equal a run that was never interrupted
-    summary = train(parse_config(TrainConfig, a + ["--init_from=resume"]))
+    summary = train(train_mod.load_config(a + ["--init_from=resume"]))  # as `python train.py` reads it
     assert summary["iter"] == 150 and summary["reason"] == "max_iters"
     assert not list(out.glob(".*.tmp")), "stale temp files from the kills were not cleaned up"
     recs = rows(out)
@@ -151,7 +151,7 @@ def test_kill_9_at_random_moments_and_mid_write_then_resume_matches_an_unbroken_
     assert [r["kind"] for r in recs].count("summary") == 1 and recs[-1]["kind"] == "summary"
 
     straight = tmp_path / "straight"
-    train(parse_config(TrainConfig, args(tiny_char_data, straight, **kw)))
+    train(train_mod.load_config(args(tiny_char_data, straight, **kw)))
     assert history(out) == history(straight), f"BOOKGPT_KILL_SEED={KILL_SEED}"
     x, y = load_checkpoint(out / "ckpt.pt"), load_checkpoint(straight / "ckpt.pt")
     assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
@@ -185,7 +185,7 @@ def test_sigterm_mid_step_saves_and_exits_0(tiny_char_data: Path, tmp_path: Path
     assert summary["kind"] == "summary" and summary["reason"] == "signal" and summary["iter"] > 3
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == summary["iter"]
     # and it resumes from exactly there
-    more = train(parse_config(TrainConfig, a + [f"--max_iters={summary['iter'] + 3}", "--init_from=resume"]))
+    more = train(train_mod.load_config(a + [f"--max_iters={summary['iter'] + 3}", "--init_from=resume"]))
     assert more["iter"] == summary["iter"] + 3
     assert [r["iter"] for r in rows(out) if r["kind"] == "train"] == list(range(1, summary["iter"] + 4))
 
@@ -204,7 +204,7 @@ def test_second_sigterm_during_the_save_changes_nothing(tiny_char_data: Path, tm
     assert checkpoints_load(out) == {"ckpt.pt": 1, "best.pt": 1}
     assert rows(out)[-1]["reason"] == "signal"
     assert not list(out.glob(".*.tmp"))
-    train(parse_config(TrainConfig, a + ["--init_from=resume"]))
+    train(train_mod.load_config(a + ["--init_from=resume"]))
     assert [r["iter"] for r in rows(out) if r["kind"] == "eval"] == [0, 1, 2, 3, 4]
 
 

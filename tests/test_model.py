@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, Linear, apply_rope, dropout, explicit_causal_attention, rope_tables, sample_next
 
+GPT2 = dict(pos_emb="learned", norm="layernorm", qk_norm=False, mlp="gelu")  # GPT-2's block
 VARIANTS = {
-    "gpt2": {},
+    "gpt2": GPT2,
+    "default": {},  # the recipe's: rotary, RMSNorm, QK-norm, squared ReLU
     "modern": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", tie_weights=False, logit_softcap=15.0),
-    "relu2": dict(mlp="relu2", bias=True),
+    "relu2": dict(mlp="relu2", bias=True, qk_norm=False),
 }
 
 
@@ -123,7 +125,7 @@ def test_sampling_controls() -> None:
 
 
 def test_weight_tying_and_param_counts() -> None:
-    tied, untied = tiny(), tiny(tie_weights=False)
+    tied, untied = tiny(**GPT2), tiny(tie_weights=False, **GPT2)
     assert tied.lm_head.weight is tied.wte.weight
     assert untied.lm_head.weight is not untied.wte.weight
     emb = 37 * 32

@@ -140,7 +140,7 @@ BAD = [
     ("grids = 1\n[grid]\nseed = [1]", "unknown config key 'grids'", "did you mean grid"),
     ("[fixed]\nout_dir = \"x\"\n[grid]\nseed = [1]", "'out_dir' is set by sweep.py", ""),
     ("[fixed]\nseed = 3\n[grid]\nseed = [1]", "'seed' is both in [fixed] and swept", ""),
-    ("[grid]\nn_head = [2, 5]", "run head5: n_embd=384 must be divisible by n_head=5", ""),
+    ("[grid]\nn_head = [2, 5]", "run head5: n_embd=256 must be divisible by n_head=5", ""),
     ("[grid]\nseed = [1]\n[[variants]]\nseed = 4", "'seed' is in both [grid] and [[variants]]", ""),
     ("[[variants]]\nname = \"a\"\nseed = 1\n[[variants]]\nseed = 2", "give every [[variants]] table a name", ""),
     ("[[variants]]\nseed = 1\n[[variants]]\nseed = 1", "would both be named 'seed1'", ""),

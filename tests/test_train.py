@@ -378,3 +378,46 @@ def test_compile_that_fails_falls_back_to_eager_and_trains_the_same(tiny_char_da
     assert [r["loss"] for r in records(tmp_path / "compiled", "train")] == [r["loss"] for r in records(tmp_path / "eager", "train")]
     assert compiled["best_val_loss"] == eager["best_val_loss"]
     assert set(load_checkpoint(tmp_path / "compiled" / "ckpt.pt")["model"]) == set(load_checkpoint(tmp_path / "eager" / "ckpt.pt")["model"])
+
+
+@pytest.mark.slow
+def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_text: str, tmp_path: Path) -> None:
+    """A user in a fresh folder: `python train.py` trains the recommended recipe into out/wp_bpe_cpu,
+    sample.py and evaluate.py find that run with no flags, `--init_from=resume` alone continues it with
+    its own config, and a second scratch run into it is refused."""
+    from prepare import PrepareConfig, prepare
+
+    src = tmp_path / "book.txt"
+    src.write_text(book_text[:150_000], encoding="utf-8")
+    prepare(PrepareConfig(tokenizer="bpe", vocab_size=300, input=str(src),
+                          out_dir=str(tmp_path / "data" / "war_and_peace_bpe2048")))
+    small = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+             "--threads=1", "--eval_interval=4"]  # seconds on a CPU; everything else is the defaults
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    r = script("train.py", "--max_iters=4", *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "out" / "wp_bpe_cpu"
+    assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 4
+    r = script("sample.py", "--prompt=Prince Andrew", "--num_samples=1", "--max_new_tokens=20")
+    assert r.returncode == 0 and r.stdout.startswith("---------- sample 1 of 1\nPrince Andrew"), r.stderr[-2000:]
+    assert f"sampling from {Path('out/wp_bpe_cpu/best.pt')} (step 4)" in r.stderr
+    # a second scratch run would overwrite it: refused, in one line
+    r = script("train.py", "--max_iters=4", *small)
+    assert r.returncode == 2 and r.stderr == (f"error: {Path('out/wp_bpe_cpu')} already holds a trained run; continue "
+                                              f"it with --init_from=resume, train into another --out_dir, or "
+                                              f"replace it with --overwrite=true\n")
+    # resume is one flag: the run's own config.json, the newest run
+    r = script("train.py", "--init_from=resume", "--max_iters=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 4" in r.stdout and "max_iters 4 -> 8" in r.stdout
+    assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 8
+    r = script("train.py", "--init_from=resume", "--max_iters=12", "--learning_rate=0.1")
+    assert r.returncode == 2 and "cannot change learning_rate: 0.002 there vs 0.1 now when resuming" in r.stderr
+    r = script("evaluate.py", "--num_prompts=0", "--baselines=false")
+    assert r.returncode == 0 and f"evaluating {Path('out/wp_bpe_cpu/best.pt')}" in r.stderr, r.stderr[-2000:]
+    r = script("train.py", "--max_iters=4", "--overwrite=true", *small)
+    assert r.returncode == 0 and load_checkpoint(run / "ckpt.pt")["iter_num"] == 4
