@@ -104,7 +104,9 @@ def load_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """Parse a TOML file (data, never code) or raise a UserError naming it."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
+        near = difflib.get_close_matches(str(p), [str(q) for q in p.parent.glob("*.toml")], n=1, cutoff=0.6) \
+            if p.parent.is_dir() else []
+        raise UserError(f"{what} not found: {p}" + (f"; did you mean {near[0]}?" if near else ""))
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -170,12 +172,13 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return files, overrides
 
 
-def format_help(cls: type, prog: str, doc: str = "") -> str:
+def format_help(cls: type, prog: str, doc: str = "", values: Any = None) -> str:
     lines = [f"usage: python {prog} [config/X.toml ...] [--key=value ...]", ""]
     if doc:
         lines += [doc.strip(), ""]
     types = _fields(cls)
-    keys = [(f"--{f.name}={f.default!r}", f) for f in dataclasses.fields(cls)]
+    keys = [(f"--{f.name}={getattr(values, f.name) if values is not None else f.default!r}", f)
+            for f in dataclasses.fields(cls)]
     width = min(max(len(k) for k, _ in keys), 36)
     for key, f in keys:
         lines.append(f"  {key:<{width}} ({_type_name(types[f.name])}) {f.metadata.get('help', '')}")
@@ -183,15 +186,18 @@ def format_help(cls: type, prog: str, doc: str = "") -> str:
 
 
 def parse_config(cls: type[T], argv: Sequence[str], prog: str = "", doc: str = "") -> T:
-    """Defaults <- each TOML file in order <- --key=value overrides. `--help` prints and exits 0."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(format_help(cls, prog or Path(sys.argv[0]).name, doc))
-        raise SystemExit(0)
-    files, overrides = split_argv(argv)
+    """Defaults <- each TOML file in order <- --key=value overrides. `--help` prints every key with the
+    value these files and flags give it, and exits 0."""
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    files, overrides = split_argv([a for a in argv if a not in ("-h", "--help")])
     cfg = cls()
     for f in files:
         cfg = apply_overrides(cfg, read_toml(f), where=f" in {f}")
-    return apply_overrides(cfg, overrides, where=" on the command line")
+    cfg = apply_overrides(cfg, overrides, where=" on the command line")
+    if wants_help:
+        print(format_help(cls, prog or Path(sys.argv[0]).name, doc, cfg))
+        raise SystemExit(0)
+    return cfg
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -242,3 +248,6 @@ def cli(main: Callable[[list[str]], Any]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:  # `python train.py --help | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise SystemExit(0) from None

@@ -51,7 +51,7 @@ from typing import Any
 from common import read_metrics
 from config import (UserError, apply_overrides, atomic_write_bytes, atomic_write_json, cli, load_toml, unknown_key,
                     config_dict, format_help, opt, read_toml, split_argv)
-from tokenizer import KINDS
+from tokenizer import prepare_hint
 from train import TrainConfig, validate
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
@@ -232,20 +232,6 @@ def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | 
             vlabel = variant.get("name") or run_name({k: v for k, v in variant.items() if k != "name"})
             sweep.runs.append(Run(name=label, swept=swept, overrides=typed, cfg=cfg, variant=vlabel if variant else ""))
     return sweep
-
-
-def prepare_hint(data_dir: str) -> str:
-    """The prepare.py command that writes `data_dir` (guessed from its name when it follows
-    prepare.py's default data/war_and_peace_<tokenizer>)."""
-    m = re.fullmatch(rf"war_and_peace_({'|'.join(KINDS)})(\d*)", Path(data_dir).name)
-    if not m:
-        return f"python prepare.py --tokenizer=KIND --input=YOUR_BOOK --out_dir={data_dir}"
-    cmd = f"python prepare.py --tokenizer={m[1]}"
-    if m[2] and m[1] == "bpe":
-        cmd += f" --vocab_size={m[2]}"
-    if Path(data_dir) != Path(f"data/war_and_peace_{m[1]}"):
-        cmd += f" --out_dir={data_dir}"
-    return cmd
 
 
 def missing_data(sweep: Sweep) -> list[str]:

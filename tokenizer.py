@@ -18,9 +18,11 @@ Token ids are stored as uint8 when the vocabulary fits in a byte, else uint16.
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,7 +146,10 @@ class CharTokenizer(Tokenizer):
             unknown = sorted({chr(p) for p in np.unique(points[~known])})
             shown = ", ".join(repr(c) for c in unknown[:10])
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-            raise UserError(f"text contains characters the char tokenizer does not know: {shown}{more}")
+            known_quotes = [c for c in "’“”" if c in self.chars]  # War and Peace's typographic quotes
+            hint = (f"; the book writes {' '.join(known_quotes)} instead: use those" if known_quotes and
+                    set(unknown) & {"'", '"'} else "")
+            raise UserError(f"text contains characters the char tokenizer does not know: {shown}{more}{hint}")
         return ids.astype(self.dtype)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -359,8 +364,7 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared data folder, or a UserError saying to run prepare.py."""
     path = Path(data_dir) / META_FILE
     if not path.is_file():
-        raise UserError(f"no {META_FILE} in {data_dir}: prepare the data first, e.g. "
-                        f"python prepare.py --tokenizer=char --out_dir={data_dir}")
+        raise UserError(f"no {META_FILE} in {data_dir}: prepare the data first: {prepare_hint(str(data_dir))}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -369,6 +373,26 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; re-run prepare.py")
     return meta
+
+
+def prepare_hint(data_dir: str) -> str:
+    """The prepare.py command that writes `data_dir`, guessed from its name when it follows prepare.py's
+    data/war_and_peace_<tokenizer>[<vocab>] (bpe2048: --tokenizer=bpe --vocab_size=2048), or the name of
+    a prepared folder beside it that was probably meant."""
+    name, parent = Path(data_dir).name, Path(data_dir).parent
+    m = re.fullmatch(rf"war_and_peace_({'|'.join(KINDS)})(\d*)", name)
+    if not m:
+        prepared = [p.name for p in parent.glob("*/") if (p / META_FILE).is_file()] if parent.is_dir() else []
+        close = difflib.get_close_matches(name, prepared, n=1, cutoff=0.8)
+        if close:
+            return f"did you mean --data_dir={parent / close[0]}? (it is prepared)"
+        return f"python prepare.py --tokenizer=KIND --input=YOUR_BOOK --out_dir={data_dir}"
+    cmd = f"python prepare.py --tokenizer={m[1]}"
+    if m[2] and m[1] == "bpe":
+        cmd += f" --vocab_size={m[2]}"
+    if Path(data_dir) != Path(f"data/war_and_peace_{m[1]}"):
+        cmd += f" --out_dir={data_dir}"
+    return cmd
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:

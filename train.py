@@ -114,6 +114,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("max_minutes", "warmup_iters", "lr_decay_iters", "early_stop_patience"):
         if getattr(cfg, key) < 0:
             raise UserError(f"'{key}' must be 0 or more, got {getattr(cfg, key)}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the schedule would rise as "
+                        f"it decays; set min_lr below it (e.g. learning_rate / 10)")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
@@ -517,7 +520,12 @@ class Trainer:
             ranks = meta["tokenizer"].get("ranks_file")  # a BPE tokenizer's merges travel with the run
             if ranks:
                 atomic_write_bytes(self.out_dir / ranks, (self.data_dir / ranks).read_bytes())
-            print(json.dumps(config_dict(cfg), indent=1))
+            if cfg.warmup_iters > cfg.max_iters:  # a short trial run is fine; say what it means
+                print(f"warning: warmup_iters={cfg.warmup_iters} is longer than the run (max_iters={cfg.max_iters}): "
+                      f"the learning rate never reaches its peak", file=sys.stderr)
+            changed = {k: v for k, v in config_dict(cfg).items() if v != getattr(TrainConfig(), k)}
+            print(f"config in {self.out_dir / 'config.json'}; set apart from the defaults: "
+                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "nothing"))
             tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
             print(f"device {self.device} ({self.dtype}{', GradScaler' if self.scaler.is_enabled() else ''}"
                   f"{', compile' if cfg.compile else ''}), {d.world} process(es), "
@@ -594,7 +602,10 @@ class Trainer:
         self.save("latest")
 
     def log_train(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(**({"step": step} if self.by_time else {}), loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
+        lrs = {"lr": f"{self.lr:.2e}"}
+        if self.cfg.optimizer == "muon":  # both rates: AdamW's (embeddings, gains) and Muon's (hidden matrices)
+            lrs["muon_lr"] = f"{self.cfg.muon_lr * self.lr / self.cfg.learning_rate:.2e}"
+        self.bar.set_postfix(**({"step": step} if self.by_time else {}), loss=f"{loss:.4f}", **lrs,
                              tok_s=f"{tokens_per_s:,.0f}")
         record = {"kind": "train", "iter": step, "loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s,
                   "time_s": self.state["train_seconds"]}

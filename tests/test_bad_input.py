@@ -86,10 +86,18 @@ def byte_data(tiny_char_data: Path, root: Path) -> Path:
 
 # ----------------------------------------------------------------------------- train.py
 
-def test_train_missing_data_dir(error_line, tmp_path: Path) -> None:
+def test_train_missing_data_dir(error_line, tiny_char_data: Path, tmp_path: Path) -> None:
     line = error_line(train.main, *tiny(tmp_path / "nope", tmp_path / "out"))
     assert "meta.json" in line and str(tmp_path / "nope") in line and "python prepare.py" in line, line
     assert not (tmp_path / "out").exists()
+    # the hint matches the folder's name: the BPE vocabulary it implies ...
+    line = error_line(train.main, *tiny(tmp_path / "data" / "war_and_peace_bpe2048", tmp_path / "out"))
+    assert line.endswith("prepare the data first: python prepare.py --tokenizer=bpe --vocab_size=2048 "
+                         f"--out_dir={tmp_path / 'data' / 'war_and_peace_bpe2048'}"), line
+    # ... or a prepared folder beside it that was meant
+    shutil.copytree(tiny_char_data, tmp_path / "data" / "war_and_peace_char")
+    line = error_line(train.main, *tiny(tmp_path / "data" / "war_and_peace_chr", tmp_path / "out"))
+    assert line.endswith(f"did you mean --data_dir={tmp_path / 'data' / 'war_and_peace_char'}? (it is prepared)"), line
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -11,6 +11,7 @@ import pytest
 
 from config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
 from model import GPTConfig
+import train as train_mod
 from train import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,20 @@ def test_split_argv_and_atomic_write(tmp_path: Path) -> None:
     atomic_write_bytes(target, json.dumps({"a": 1}).encode())
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
+
+
+def test_hints_a_near_miss_preset_and_help_shows_the_files_values(capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(UserError, match=r"config file not found: config/wp_bpe_cpuu.toml; did you mean config/wp_bpe_cpu.toml\?"):
+        parse_config(TrainConfig, ["config/wp_bpe_cpuu.toml"])
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["config/wp_char_cpu.toml", "--seed=7", "--help"], prog="train.py")
+    out = capsys.readouterr().out
+    assert "--n_layer=4 " in out and "--data_dir='data/war_and_peace_char'" in out and "--seed=7 " in out
+
+
+def test_learning_rate_settings_that_contradict_each_other(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(UserError, match=r"min_lr=0.01 is above learning_rate=0.001: the schedule would rise"):
+        train_mod.validate(TrainConfig(learning_rate=1e-3, min_lr=1e-2))
+    train_mod.validate(TrainConfig(max_iters=20))  # a short trial: allowed (train.py warns as it starts)

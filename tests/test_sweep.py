@@ -118,7 +118,7 @@ def test_unnamed_variants_are_named_by_their_values(tmp_path: Path) -> None:
 def test_shipped_sweeps_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(ROOT)  # their base paths are relative to the repository
     lr = S.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
-    assert len(lr.runs) == 6 and lr.runs[0].name == "small_lr0.001" and lr.runs[0].cfg.max_minutes == 5.0
+    assert len(lr.runs) == 6 and lr.runs[0].name == "small_muon_lr0.01" and lr.runs[0].cfg.max_minutes == 5.0
     tok = S.load_sweep(ROOT / "config/sweeps/tokenizers.toml", {}, tmp_path)
     assert [r.cfg.data_dir for r in tok.runs] == ["data/war_and_peace_char", "data/war_and_peace_byte",
                                                   "data/war_and_peace_bpe1024", "data/war_and_peace_bpe"]
@@ -322,3 +322,10 @@ def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_pat
         E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false"])
     ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val"])
     assert list(ev["splits"]) == ["val"] and ev["data"]["split"] == "val"
+
+
+def test_the_shipped_lr_sweep_sweeps_the_rate_its_optimizer_uses(tmp_path: Path) -> None:
+    """The CPU preset trains its hidden matrices with Muon: AdamW's learning_rate barely matters there."""
+    sw = S.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
+    assert {r.cfg.optimizer for r in sw.runs} == {"muon"} and "muon_lr" in sw.keys and "learning_rate" not in sw.keys
+    assert sorted({r.cfg.muon_lr for r in sw.runs}) == [0.01, 0.02, 0.04]

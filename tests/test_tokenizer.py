@@ -253,3 +253,13 @@ def test_meta_problems_are_user_errors(small_bpe: T.BPETokenizer, tmp_path: Path
 def test_sha256_constants_match_the_shared_files(gpt2_dir: Path) -> None:
     for name, expected in T.GPT2_FILE_HASHES.items():
         assert hashlib.sha256((gpt2_dir / name).read_bytes()).hexdigest() == expected
+
+
+def test_a_plain_quote_in_a_char_prompt_names_the_books_quotes() -> None:
+    from tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("“Well,” he said. It’s so.\n")
+    with pytest.raises(UserError, match=r"""does not know: "'", 'x'; the book writes ’ “ ” instead: use those$"""):
+        tok.encode("it's x")
+    with pytest.raises(UserError, match=r"does not know: 'x'$"):  # no quote asked for: no advice about quotes
+        tok.encode("x")

@@ -400,6 +400,7 @@ def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_t
 
     r = script("train.py", "--max_iters=4", *small)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: warmup_iters=50 is longer than the run (max_iters=4)" in r.stderr
     run = tmp_path / "out" / "wp_bpe_cpu"
     assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 4
     r = script("sample.py", "--prompt=Prince Andrew", "--num_samples=1", "--max_new_tokens=20")
@@ -421,3 +422,11 @@ def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_t
     assert r.returncode == 0 and f"evaluating {Path('out/wp_bpe_cpu/best.pt')}" in r.stderr, r.stderr[-2000:]
     r = script("train.py", "--max_iters=4", "--overwrite=true", *small)
     assert r.returncode == 0 and load_checkpoint(run / "ckpt.pt")["iter_num"] == 4
+
+
+def test_the_progress_bar_shows_both_learning_rates_under_muon(tiny_char_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    run(tiny_char_data, tmp_path / "run", max_iters=4, eval_interval=4, optimizer="muon", muon_lr=0.02,
+        learning_rate=2e-3, min_lr=2e-4)
+    err = capsys.readouterr().err
+    assert "lr=" in err and "muon_lr=" in err  # AdamW's (embeddings, gains) and Muon's (hidden matrices)
