@@ -16,11 +16,14 @@ dev: install
 	$(PY) -c "import pytest, hypothesis, playwright, nbclient, ipykernel, gradio" 2>/dev/null \
 	  || $(PY) -m pip install -r requirements-dev.txt -r requirements-app.txt
 
+# the book and GPT-2's BPE files: ../shared, $$BOOKGPT_BOOK/$$BOOKGPT_GPT2_DIR, or fetched once into data/raw/testdata
 test: dev
+	$(PY) tests/testdata.py
 	$(PY) -m pytest -q tests
 
 # the inner loop: everything but the tests that start processes (about 30 s on 2 cores)
 test-fast: dev
+	$(PY) tests/testdata.py
 	$(PY) -m pytest -q -m "not slow" tests
 
 # prepare the book (a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),

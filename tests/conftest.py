@@ -1,5 +1,5 @@
-"""Shared test fixtures. Tests read the book and tokenizer files from ../shared beside the repo
-and never touch the internet."""
+"""Shared test fixtures. Tests read the book and GPT-2's BPE files from where tests/testdata.py finds them
+(../shared beside the repo in CI; `make test` fetches them once elsewhere) and never touch the internet."""
 from __future__ import annotations
 
 import socket
@@ -9,38 +9,34 @@ from typing import Any
 
 import pytest
 
+import testdata
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # import the flat modules (config, tokenizer, ...) from any cwd
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the tests need ../shared beside the repository "
-                    "(the book in shared/data, GPT-2's files in shared/tokenizers/gpt2)", pytrace=False)
+def _need(path: Path | None, what: str) -> Path:
+    if path is None or not path.exists():
+        pytest.fail(f"{what} is missing: {testdata.WHAT_TO_DO} (python tests/testdata.py fetches them)", pytrace=False)
     return path
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return _need(SHARED)
-
-
-@pytest.fixture(scope="session")
-def book_path(shared_dir: Path) -> Path:
+def book_path() -> Path:
     """The Gutenberg file of War and Peace, exactly as prepare.py would download it."""
-    return _need(shared_dir / "data" / "pg2600.txt")
+    return _need(testdata.book(), "War and Peace (pg2600.txt)")
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(shared_dir: Path) -> Path:
-    return _need(shared_dir / "tokenizers" / "gpt2")
+def gpt2_dir() -> Path:
+    return _need(testdata.gpt2_dir(), "GPT-2's BPE files")
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the internet: GPT-2 loads from ../shared, and sockets may only reach this machine."""
-    monkeypatch.setenv("BOOKGPT_GPT2_DIR", str(SHARED / "tokenizers" / "gpt2"))
+    if testdata.gpt2_dir():
+        monkeypatch.setenv("BOOKGPT_GPT2_DIR", str(testdata.gpt2_dir()))
     # subprocesses (train.py, sample.py, torchrun) run tiny models: one thread each is fastest
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     local = {None, "", "localhost", "127.0.0.1", "::1", socket.gethostname()}

@@ -1,5 +1,5 @@
 """notebooks/bookgpt_colab.ipynb runs top to bottom (nbclient, a real kernel) in its tiny setting:
-prepare from ../shared, train, plot, evaluate, generate; and it is stored clean, ready for Colab."""
+prepare the book the tests use, train, plot, evaluate, generate; and it is stored clean, ready for Colab."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,7 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, book_path: Path, monkeypatc
 
     monkeypatch.setenv("BOOKGPT_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("BOOKGPT_NOTEBOOK_WORK", str(tmp_path))
+    monkeypatch.setenv("BOOKGPT_BOOK", str(book_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # A failing cell raises CellExecutionError with its traceback.
     NotebookClient(nb, timeout=180, kernel_name="python3",
