@@ -58,7 +58,7 @@ def fetch() -> None:
         download(url, dest, timeout=30)
         if sha256(dest.read_bytes()) != digest:
             dest.unlink()
-            raise SystemExit(f"error: {url} is not the file the tests were written for (its sha256 differs); {WHAT_TO_DO}")
+            raise ValueError(f"{url} is not the file the tests were written for: its sha256 differs")
 
 
 def main() -> None:
@@ -67,7 +67,8 @@ def main() -> None:
         try:
             fetch()
         except Exception as e:  # offline: requests' errors come as UserError from prepare.download
-            raise SystemExit(f"error: could not fetch the test data ({str(e).split(';')[0]}); {WHAT_TO_DO}") from None
+            print(f"error: could not fetch the test data ({str(e).split(';')[0]}); {WHAT_TO_DO}", file=sys.stderr)
+            raise SystemExit(2) from None
     print(f"test data: the book {book()}, GPT-2's files in {gpt2_dir()}")
 
 
