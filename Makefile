@@ -4,7 +4,7 @@ PY ?= python3
 BOOK ?=
 PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
-.PHONY: install dev test test-fast demo gpu-check clean
+.PHONY: install dev test test-fast demo gpu-check colab clean
 
 RUN ?= out/wp_bpe_cpu
 
@@ -41,6 +41,11 @@ demo: install
 # on one H100/A100/4090 (not yet timed on one); no GPU? python gpu_check.py --device=cpu --tiny
 gpu-check: install
 	$(PY) gpu_check.py $(PREPARE_INPUT)
+
+# the committed code as one zip for Colab: upload it in notebooks/bookgpt_colab.ipynb's first cell
+colab:
+	mkdir -p dist && git archive --format=zip -o dist/bookgpt.zip HEAD
+	@echo "wrote dist/bookgpt.zip (HEAD): open notebooks/bookgpt_colab.ipynb in Colab and upload it in the first cell"
 
 clean:
 	rm -rf $(RUN)
