@@ -132,3 +132,13 @@ def test_learning_rate_settings_that_contradict_each_other(capsys: pytest.Captur
     with pytest.raises(UserError, match=r"min_lr=0.01 is above learning_rate=0.001: the schedule would rise"):
         train_mod.validate(TrainConfig(learning_rate=1e-3, min_lr=1e-2))
     train_mod.validate(TrainConfig(max_iters=20))  # a short trial: allowed (train.py warns as it starts)
+
+
+@pytest.mark.slow
+def test_help_into_a_closed_pipe_is_quiet() -> None:
+    """`python train.py --help | head -3`: the reader goes away; no BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before train.py has imported torch: every write finds the pipe closed
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and err == "", err

@@ -430,3 +430,12 @@ def test_the_progress_bar_shows_both_learning_rates_under_muon(tiny_char_data: P
         learning_rate=2e-3, min_lr=2e-4)
     err = capsys.readouterr().err
     assert "lr=" in err and "muon_lr=" in err  # AdamW's (embeddings, gains) and Muon's (hidden matrices)
+
+
+def test_the_config_at_the_start_is_one_line(tiny_char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run(tiny_char_data, tmp_path / "run", max_iters=2, eval_interval=2)
+    out = capsys.readouterr().out
+    assert "{" not in out  # no JSON dump: the full config is in config.json
+    lines = [l for l in out.splitlines() if l.startswith("config")]
+    assert len(lines) == 1 and lines[0].startswith(f"config in {tmp_path / 'run' / 'config.json'}; set apart from the "
+                                                   "defaults: ") and "n_layer=2" in lines[0] and "{" not in lines[0]
