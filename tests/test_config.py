@@ -142,3 +142,14 @@ def test_help_into_a_closed_pipe_is_quiet() -> None:
     p.stdout.close()  # before train.py has imported torch: every write finds the pipe closed
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and err == "", err
+
+
+def test_a_runs_config_json_is_a_config_file(tmp_path: Path) -> None:
+    """The errors say "use the run's config (out_dir/config.json)": it is accepted as TOML is."""
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(config_dict(TrainConfig(n_layer=3, learning_rate=5e-4))))
+    cfg = parse_config(TrainConfig, [str(saved), "--seed=9"])
+    assert (cfg.n_layer, cfg.learning_rate, cfg.seed) == (3, 5e-4, 9)
+    saved.write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not a JSON object of key: value pairs"):
+        parse_config(TrainConfig, [str(saved)])
