@@ -26,10 +26,10 @@ test-fast: dev
 	$(PY) tests/testdata.py
 	$(PY) -m pytest -q -m "not slow" tests
 
-# prepare the book (a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
+# prepare the book (prepare.py's defaults: a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
 # evaluate it, and write three samples
 demo: install
-	$(PY) prepare.py --tokenizer=bpe --vocab_size=2048 --out_dir=data/war_and_peace_bpe2048 $(PREPARE_INPUT) \
+	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
 	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN)
 	$(PY) evaluate.py --out_dir=$(RUN)

@@ -1,7 +1,7 @@
 """Prepare a book for training: fetch, clean, split, tokenize, write bins + meta.json.
 
-    python prepare.py                                   # War and Peace from Gutenberg, char tokens
-    python prepare.py --tokenizer=bpe --vocab_size=4096
+    python prepare.py                                   # War and Peace, BPE-2048: the presets' data
+    python prepare.py --tokenizer=char                  # characters, for the wp_char_* presets
     python prepare.py --input=../shared/data/pg2600.txt # offline: a local copy
 
 Writes <out_dir>/train.bin, val.bin (and test.bin with --test_fraction>0): flat arrays of token
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
-from tokenizer import KINDS, META_FILE, Tokenizer, check_bpe_vocab_size, make_tokenizer
+from tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
+                       default_data_dir, make_tokenizer)
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"
 # sha256 of DEFAULT_URL as tested (the same bytes as ../shared/data/pg2600.txt). Gutenberg
@@ -35,10 +36,11 @@ MIN_SPLIT_CHARS = 32  # a split shorter than this is a mistake, not a dataset
 
 @dataclass
 class PrepareConfig:
-    tokenizer: str = opt("char", "char | byte | gpt2 | bpe")
-    vocab_size: int = opt(4096, "vocabulary size of the bpe tokenizer (256..65536); ignored by the others")
+    tokenizer: str = opt(DEFAULT_KIND, "bpe (learned from the train split) | char | byte | gpt2")
+    vocab_size: int = opt(DEFAULT_BPE_VOCAB, "vocabulary size of the bpe tokenizer (256..65536); ignored by the others")
     input: str = opt(DEFAULT_URL, "URL (downloaded once, cached in raw_dir) or path of a plain-text book")
-    out_dir: str = opt("", "output folder; default data/war_and_peace_<tokenizer>")
+    out_dir: str = opt("", "output folder; default data/war_and_peace_<tokenizer>, with the bpe vocabulary size "
+                              "(data/war_and_peace_bpe2048, where the presets look)")
     split_layout: str = opt("blocks", "blocks: passages of about block_fraction of the text, cut at paragraph "
                                       "breaks, spread through the book to val and test; tail: the last val_fraction "
                                       "and test_fraction of the text, in that order (nanoGPT's split)")
@@ -306,7 +308,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise UserError(f"bad value for 'split_layout': {cfg.split_layout!r}; use one of blocks, tail")
     if cfg.tokenizer == "bpe":
         check_bpe_vocab_size(cfg.vocab_size)  # before any download
-    out_dir = Path(cfg.out_dir or f"data/war_and_peace_{cfg.tokenizer}")
+    out_dir = Path(cfg.out_dir or default_data_dir(cfg.tokenizer, cfg.vocab_size))
     t0 = time.perf_counter()
 
     raw, source = fetch(cfg)

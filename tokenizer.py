@@ -375,9 +375,17 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+DEFAULT_KIND, DEFAULT_BPE_VOCAB = "bpe", 2048  # prepare.py's defaults: the presets' data
+
+
+def default_data_dir(kind: str, vocab_size: int) -> str:
+    """Where prepare.py writes by default: data/war_and_peace_char, ..._byte, ..._gpt2, ..._bpe2048."""
+    return f"data/war_and_peace_{kind}{vocab_size if kind == 'bpe' else ''}"
+
+
 def prepare_hint(data_dir: str) -> str:
     """The prepare.py command that writes `data_dir`, guessed from its name when it follows prepare.py's
-    data/war_and_peace_<tokenizer>[<vocab>] (bpe2048: --tokenizer=bpe --vocab_size=2048), or the name of
+    data/war_and_peace_<tokenizer>[<vocab>] (bpe4096: --tokenizer=bpe --vocab_size=4096), or the name of
     a prepared folder beside it that was probably meant."""
     name, parent = Path(data_dir).name, Path(data_dir).parent
     m = re.fullmatch(rf"war_and_peace_({'|'.join(KINDS)})(\d*)", name)
@@ -387,10 +395,14 @@ def prepare_hint(data_dir: str) -> str:
         if close:
             return f"did you mean --data_dir={parent / close[0]}? (it is prepared)"
         return f"python prepare.py --tokenizer=KIND --input=YOUR_BOOK --out_dir={data_dir}"
-    cmd = f"python prepare.py --tokenizer={m[1]}"
-    if m[2] and m[1] == "bpe":
-        cmd += f" --vocab_size={m[2]}"
-    if Path(data_dir) != Path(f"data/war_and_peace_{m[1]}"):
+    kind = m[1]
+    vocab = int(m[2]) if m[2] and kind == "bpe" else DEFAULT_BPE_VOCAB
+    cmd = "python prepare.py"
+    if kind != DEFAULT_KIND:
+        cmd += f" --tokenizer={kind}"
+    if kind == "bpe" and vocab != DEFAULT_BPE_VOCAB:
+        cmd += f" --vocab_size={vocab}"
+    if Path(data_dir) != Path(default_data_dir(kind, vocab)):
         cmd += f" --out_dir={data_dir}"
     return cmd
 

@@ -8,11 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 import testdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # import the flat modules (config, tokenizer, ...) from any cwd
+
+# Property tests check behaviour, not speed: no per-example deadline, which a busy 2-core machine misses.
+settings.register_profile("bookgpt", deadline=None)
+settings.load_profile("bookgpt")
 
 
 def _need(path: Path | None, what: str) -> Path:

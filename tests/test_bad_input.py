@@ -91,9 +91,9 @@ def test_train_missing_data_dir(error_line, tiny_char_data: Path, tmp_path: Path
     assert "meta.json" in line and str(tmp_path / "nope") in line and "python prepare.py" in line, line
     assert not (tmp_path / "out").exists()
     # the hint matches the folder's name: the BPE vocabulary it implies ...
-    line = error_line(train.main, *tiny(tmp_path / "data" / "war_and_peace_bpe2048", tmp_path / "out"))
-    assert line.endswith("prepare the data first: python prepare.py --tokenizer=bpe --vocab_size=2048 "
-                         f"--out_dir={tmp_path / 'data' / 'war_and_peace_bpe2048'}"), line
+    line = error_line(train.main, *tiny(tmp_path / "data" / "war_and_peace_bpe4096", tmp_path / "out"))
+    assert line.endswith("prepare the data first: python prepare.py --vocab_size=4096 "
+                         f"--out_dir={tmp_path / 'data' / 'war_and_peace_bpe4096'}"), line
     # ... or a prepared folder beside it that was meant
     shutil.copytree(tiny_char_data, tmp_path / "data" / "war_and_peace_char")
     line = error_line(train.main, *tiny(tmp_path / "data" / "war_and_peace_chr", tmp_path / "out"))

@@ -11,6 +11,8 @@ import pytest
 
 from config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
 from model import GPTConfig
+from prepare import PrepareConfig
+from tokenizer import default_data_dir
 import train as train_mod
 from train import TrainConfig, validate
 
@@ -99,10 +101,13 @@ def test_presets_parse_and_build() -> None:
 def test_make_demo_prepares_what_its_preset_trains_and_samples_where_the_scripts_look() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    prepare = re.search(r"prepare\.py (.*?) \$\(PREPARE_INPUT\)", recipe).group(1).split()
+    prepare_args = re.search(r"prepare\.py (.*?)\$\(PREPARE_INPUT\)", recipe).group(1).split()
+    prep = parse_config(PrepareConfig, prepare_args)
     preset = re.search(r"train\.py (config/\S+\.toml) --out_dir=\$\(RUN\)", recipe).group(1)
     cfg = parse_config(TrainConfig, [str(ROOT / preset)])
-    assert f"--out_dir={cfg.data_dir}" in prepare and "--tokenizer=bpe" in prepare and "--vocab_size=2048" in prepare
+    assert (prep.tokenizer, prep.vocab_size) == ("bpe", 2048)
+    # python prepare.py writes where the preset and python train.py read
+    assert not prep.out_dir and default_data_dir(prep.tokenizer, prep.vocab_size) == cfg.data_dir == TrainConfig().data_dir
     run = re.search(r"^RUN \?= (\S+)$", makefile, re.M).group(1)
     assert run == cfg.out_dir == TrainConfig().out_dir  # make demo trains where python train.py would
     assert (cfg.max_iters, cfg.max_minutes) == (600, 0.0)  # a step budget: the same run on any machine

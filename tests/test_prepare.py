@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg(tmp_path: Path, **kw) -> P.PrepareConfig:
-    base = {"out_dir": str(tmp_path / "out"), "raw_dir": str(tmp_path / "raw")}
+    base = {"out_dir": str(tmp_path / "out"), "raw_dir": str(tmp_path / "raw"), "tokenizer": "char"}
     return dataclasses.replace(P.PrepareConfig(), **{**base, **kw})
 
 

@@ -109,9 +109,9 @@ def test_plot_axes_are_the_variant_and_the_grid_keys(tmp_path: Path, base_toml: 
 
 def test_unnamed_variants_are_named_by_their_values(tmp_path: Path) -> None:
     f = write_sweep(tmp_path / "t.toml", variants=[{"data_dir": "data/war_and_peace_char", "block_size": 256},
-                                                    {"data_dir": "data/war_and_peace_bpe", "mlp": "swiglu"}])
+                                                    {"data_dir": "data/war_and_peace_bpe4096", "mlp": "swiglu"}])
     sw = S.load_sweep(f, {}, tmp_path)
-    assert [r.name for r in sw.runs] == ["war_and_peace_char_ctx256", "war_and_peace_bpe_mlp-swiglu"]
+    assert [r.name for r in sw.runs] == ["war_and_peace_char_ctx256", "war_and_peace_bpe4096_mlp-swiglu"]
     assert S.run_name({"learning_rate": 3e-4, "bias": False, "n_head": 8, "seed": 2}) == "lr0.0003_bias-false_head8_seed2"
 
 
@@ -121,9 +121,12 @@ def test_shipped_sweeps_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert len(lr.runs) == 6 and lr.runs[0].name == "small_muon_lr0.01" and lr.runs[0].cfg.max_minutes == 5.0
     tok = S.load_sweep(ROOT / "config/sweeps/tokenizers.toml", {}, tmp_path)
     assert [r.cfg.data_dir for r in tok.runs] == ["data/war_and_peace_char", "data/war_and_peace_byte",
-                                                  "data/war_and_peace_bpe1024", "data/war_and_peace_bpe"]
+                                                  "data/war_and_peace_bpe1024", "data/war_and_peace_bpe4096"]
     for path in sorted((ROOT / "config/sweeps").glob("*.toml")):  # every shipped sweep: each run's config is valid
-        assert S.load_sweep(path, {}, tmp_path).runs, path
+        runs = S.load_sweep(path, {}, tmp_path).runs
+        assert runs, path
+        for r in runs:  # and its data is where prepare.py writes it by default
+            assert "--out_dir" not in S.prepare_hint(r.cfg.data_dir), (path, r.cfg.data_dir)
 
 
 # ----------------------------------------------------------------------------- bad sweep files
@@ -187,9 +190,12 @@ def test_missing_data_dir_names_the_prepare_command(tmp_path: Path, capsys: pyte
                                                       {"name": "byte", "data_dir": "data/war_and_peace_byte"}])
     with pytest.raises(UserError) as e:
         S.main([str(f), f"--out_root={tmp_path / 'out'}"])
-    assert (f"no prepared data in {data / 'war_and_peace_bpe1024'} (runs bpe): run python prepare.py --tokenizer=bpe "
-            f"--vocab_size=1024 --out_dir={data / 'war_and_peace_bpe1024'}") in str(e.value)
+    assert (f"no prepared data in {data / 'war_and_peace_bpe1024'} (runs bpe): run python prepare.py --vocab_size=1024 "
+            f"--out_dir={data / 'war_and_peace_bpe1024'}") in str(e.value)
     assert S.prepare_hint("data/war_and_peace_byte") == "python prepare.py --tokenizer=byte"
+    assert S.prepare_hint("data/war_and_peace_bpe2048") == "python prepare.py"  # the presets' data: the defaults
+    assert S.prepare_hint("data/war_and_peace_bpe512") == "python prepare.py --vocab_size=512"
+    assert S.prepare_hint("data/war_and_peace_bpe") == "python prepare.py --out_dir=data/war_and_peace_bpe"
     assert S.prepare_hint("mybook") == "python prepare.py --tokenizer=KIND --input=YOUR_BOOK --out_dir=mybook"
     assert S.main([str(f), "--dry_run", f"--out_root={tmp_path / 'out'}"]) == 0  # a dry run only warns
     assert "warning: no prepared data in" in capsys.readouterr().out
