@@ -382,15 +382,11 @@ def test_compile_that_fails_falls_back_to_eager_and_trains_the_same(tiny_char_da
 
 @pytest.mark.slow
 def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_text: str, tmp_path: Path) -> None:
-    """A user in a fresh folder: `python train.py` trains the recommended recipe into out/wp_bpe_cpu,
-    sample.py and evaluate.py find that run with no flags, `--init_from=resume` alone continues it with
-    its own config, and a second scratch run into it is refused."""
-    from prepare import PrepareConfig, prepare
-
+    """A user in a fresh folder: `python prepare.py` writes the presets' data, `python train.py` trains the
+    recommended recipe into out/wp_bpe_cpu, sample.py and evaluate.py find that run with no flags,
+    `--init_from=resume` alone continues it with its own config, and a second scratch run into it is refused."""
     src = tmp_path / "book.txt"
     src.write_text(book_text[:150_000], encoding="utf-8")
-    prepare(PrepareConfig(tokenizer="bpe", vocab_size=300, input=str(src),
-                          out_dir=str(tmp_path / "data" / "war_and_peace_bpe2048")))
     small = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
              "--threads=1", "--eval_interval=4"]  # seconds on a CPU; everything else is the defaults
 
@@ -398,6 +394,8 @@ def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_t
         return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
+    r = script("prepare.py", f"--input={src}")
+    assert r.returncode == 0 and f"wrote {Path('data/war_and_peace_bpe2048')}/" in r.stdout, r.stderr[-2000:]
     r = script("train.py", "--max_iters=4", *small)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning: warmup_iters=50 is longer than the run (max_iters=4)" in r.stderr
