@@ -1,4 +1,4 @@
-"""Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, curves.
+"""Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, themes, curves.
 
     python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N] [--dynamic_lr=LR]
 
@@ -10,8 +10,9 @@
 2. Baselines on the same split, fitted on the train split (baselines.py): a byte unigram, byte-level
    interpolated Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
 3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
-   longest span found verbatim in the training text) and style (distances to the book's statistics;
-   both in textstats.py), beside the same figures for the real continuation of the same prompts.
+   longest span found verbatim in the training text), style (distances to the book's statistics) and
+   themes (who and where it names, what it talks about; against its own prompt and a shuffled-prompt
+   control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
 Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically.
@@ -37,7 +38,7 @@ from checkpoint import data_difference, load_for_inference
 from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
 from sample import TEMPERATURE, TOP_K, TOP_P, check_sampling
-from textstats import NAMES, TrainIndex, memorisation, style_distance, style_stats
+from textstats import NAMES, TrainIndex, memorisation, style_distance, style_stats, themes
 from tokenizer import read_meta
 
 @dataclass
@@ -311,6 +312,21 @@ def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rate, eb, cb = th["entities_per_kword"], th["entities_jsd_to_book"], th["content_jsd_to_book"]
+    rows = [("names and places per 1000 words", f"{rate['book']:.1f}", f"{rate['generated']:.1f}", f"{rate['reference']:.1f}"),
+            ("names and places: JSD to the book", "0", f"{eb['generated']:.3f}", f"{eb['reference']:.3f}"),
+            ("content words: JSD to the book", "0", f"{cb['generated']:.3f}", f"{cb['reference']:.3f}"),
+            ("names and places: JSD to the real text", "-", f"{th['entities_jsd_to_real']:.3f}", "0"),
+            ("content words: JSD to the real text", "-", f"{th['content_jsd_to_real']:.3f}", "0")]
+    for key, label in (("entities_per_prompt", "names and places"), ("content_per_prompt", "content words")):
+        pp = th[key]
+        if pp["own"] is not None and pp["shuffled"] is not None:
+            rows.append((f"{label}, per prompt: JSD to own / another prompt's real text", "-",
+                         f"{pp['own']:.3f} / {pp['shuffled']:.3f}", "0 / -"))
+    return rows
+
+
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
     md = [f"# Evaluation of `{run['out_dir']}`", "",
@@ -367,7 +383,16 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                _md_table(("measure", "book (train)", "generated", "real continuation"), style_rows(ev["style"])), "",
                "Names per 1000 words (book / generated / real): " + ", ".join(
                    f"{n} {ev['style']['book']['names_per_kword'][n]:.1f}/{ev['style']['generated']['names_per_kword'][n]:.1f}/"
-                   f"{ev['style']['reference']['names_per_kword'][n]:.1f}" for n in NAMES), "",
+                   f"{ev['style']['reference']['names_per_kword'][n]:.1f}" for n in NAMES), ""]
+        th = ev["style"]["themes"]
+        md += ["## Themes", "",
+               "Who and where the text names (the principal characters and places) and what it talks about (its "
+               "words without function words), as Jensen-Shannon divergences in bits (0 the same mix, 1 nothing in "
+               "common). Per prompt, each generated continuation is held against its own prompt's real continuation "
+               "and against another prompt's (a shuffled-prompt control): closer to its own means it follows its prompt.", "",
+               _md_table(("measure", "book (train)", "generated", "real continuation"), theme_rows(th)), "",
+               f"Most frequent content words, generated: {', '.join(th['top_content_words']['generated'])}; "
+               f"real: {', '.join(th['top_content_words']['reference'])}.", "",
                "## Samples", ""]
         for i, smp in enumerate(ev["samples"], start=1):
             md += [f"### Sample {i}", "", "Prompt:", "", _fence(smp["prompt"]), "", "Generated:", "",
@@ -399,7 +424,7 @@ def print_summary(ev: dict[str, Any]) -> None:
         for row in memo_rows(ev["memorisation"]):
             print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10}")
         print(f"{'style':<38} {'book':>10} {'generated':>10} {'real':>10}")
-        for row in style_rows(ev["style"]):
+        for row in style_rows(ev["style"]) + theme_rows(ev["style"]["themes"]):
             print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10} {row[3]:>10}")
     ov = ev["curves"]
     if ov.get("evals"):
@@ -443,7 +468,8 @@ def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_t
              "reference": style_stats(refs, index.vocab_lower)}
     style["generated_distance"] = style_distance(style["generated"], book)
     style["reference_distance"] = style_distance(style["reference"], book)
-    timings["memorisation and style"] = time.perf_counter() - t0
+    style["themes"] = themes(gens, refs, train_text, cfg.seed)
+    timings["memorisation, style and themes"] = time.perf_counter() - t0
     return samples, mem, style
 
 

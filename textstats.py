@@ -1,7 +1,8 @@
 """Statistics of text, for judging what a model writes: how much of it is copied verbatim from the
-training text (memorisation: shares of char and word n-grams found there, the longest copied span)
-and how close its style is to the book's (word and sentence lengths, punctuation, dialogue, names,
-unknown words, distinct n-grams). evaluate.py applies both to generated and to real continuations.
+training text (memorisation: shares of char and word n-grams found there, the longest copied span),
+how close its style is to the book's (word and sentence lengths, punctuation, dialogue, names,
+unknown words, distinct n-grams), and whether it carries the book's themes and its prompt's (who and
+where it names, what it talks about). evaluate.py applies them to generated and to real continuations.
 """
 from __future__ import annotations
 
@@ -195,3 +196,96 @@ def style_distance(stats: dict[str, Any], book: dict[str, Any]) -> dict[str, flo
 def _normalise(d: dict[str, float]) -> list[float]:
     total = sum(d.values()) or 1.0
     return [v / total for v in d.values()]
+
+
+# ----------------------------------------------------------------------------- themes
+
+# Who and where: the principal characters (NAMES and a few family names) and places, as this translation spells them.
+PLACES = ("Moscow", "Petersburg", "Russia", "Borodinó", "Smolénsk", "Austerlitz", "Bald Hills", "Otrádnoe",
+          "Vílna", "Vienna", "France")
+ENTITIES = NAMES + ("Bolkónski", "Bezúkhov", "Kurágin", "Anatole", "Vasíli", "Bagratión") + PLACES
+ENTITY_RE = re.compile(r"(?<![^\W\d_])(?:" + "|".join(map(re.escape, sorted(ENTITIES, key=len, reverse=True)))
+                       + r")(?![^\W\d_])")  # whole words: Russia is not Russian
+ENTITY_WORDS = frozenset(w.lower() for e in ENTITIES for w in e.split())
+# What about: words left when English function words (and the names above) are taken out.
+STOP_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between
+both but by can could did do does doing down during each few for from further had has have having he her
+here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
+now of off on once only or other our ours ourselves out over own same she should so some such than that the
+their theirs them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself yourselves
+said say says one two also yet upon us shall may might must o oh ah let like well
+""".split())
+
+
+def entity_counts(text: str) -> Counter:
+    """How often each principal character and place is named in `text`."""
+    return Counter(ENTITY_RE.findall(text))
+
+
+def content_counts(text: str) -> Counter:
+    """Counts of `text`'s content words: lower-cased, without function words and the entities' names."""
+    words = (w.lower() for w in WORD_RE.findall(text))
+    return Counter(w for w in words if w not in STOP_WORDS and re.split("['’]", w)[0] not in ENTITY_WORDS)
+
+
+def jsd(p: Counter, q: Counter) -> float:
+    """Jensen-Shannon divergence of two count distributions, in bits: 0 the same, 1 disjoint.
+    Two empty ones agree (0: neither names anyone); one empty against one that is not is 1."""
+    tp, tq = sum(p.values()), sum(q.values())
+    if not tp or not tq:
+        return float(bool(tp) != bool(tq))
+    keys = list(p.keys() | q.keys())
+    a = np.array([p[k] for k in keys], dtype=np.float64) / tp
+    b = np.array([q[k] for k in keys], dtype=np.float64) / tq
+    m = (a + b) / 2
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return min(max(0.5 * kl(a) + 0.5 * kl(b), 0.0), 1.0)
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A random permutation without fixed points (n >= 2): text i is paired with another prompt's text."""
+    order = np.random.default_rng(seed).permutation(n)
+    pair = [0] * n
+    for k in range(n):
+        pair[int(order[k])] = int(order[(k + 1) % n])
+    return pair
+
+
+def themes(gens: list[str], refs: list[str], book: str, seed: int = 0) -> dict[str, Any]:
+    """Whether generated continuations carry the book's themes and their own prompt's, against the real
+    continuations of the same prompts (refs[i] continues the prompt gens[i] continues).
+
+    Pooled over all texts: who and where is named (rate and mix) and the content-word mix, each as a
+    JSD to the book and to the real continuations. Per prompt: the JSD of each generated continuation to
+    its own prompt's real continuation, and to another prompt's (a shuffled-prompt control); a model that
+    follows its prompt is closer to its own."""
+    book_e, book_c = entity_counts(book), content_counts(book)
+    ge, re_ = [entity_counts(t) for t in gens], [entity_counts(t) for t in refs]
+    gc, rc = [content_counts(t) for t in gens], [content_counts(t) for t in refs]
+    pool = lambda cs: sum(cs, Counter())  # noqa: E731
+    words = lambda texts: max(sum(len(WORD_RE.findall(t)) for t in texts), 1) / 1000  # noqa: E731
+    other = derangement(len(gens), seed) if len(gens) > 1 else []
+
+    def per_prompt(g: list[Counter], r: list[Counter]) -> dict[str, float | None]:
+        return {"own": float(np.mean([jsd(a, b) for a, b in zip(g, r)])) if g else None,
+                "shuffled": float(np.mean([jsd(g[i], r[j]) for i, j in enumerate(other)])) if other else None}
+
+    return {
+        "entities_per_kword": {"book": sum(book_e.values()) / words([book]),
+                               "generated": sum(pool(ge).values()) / words(gens),
+                               "reference": sum(pool(re_).values()) / words(refs)},
+        "entities_jsd_to_book": {"generated": jsd(pool(ge), book_e), "reference": jsd(pool(re_), book_e)},
+        "content_jsd_to_book": {"generated": jsd(pool(gc), book_c), "reference": jsd(pool(rc), book_c)},
+        "entities_jsd_to_real": jsd(pool(ge), pool(re_)),
+        "content_jsd_to_real": jsd(pool(gc), pool(rc)),
+        "entities_per_prompt": per_prompt(ge, re_),
+        "content_per_prompt": per_prompt(gc, rc),
+        "top_content_words": {"generated": [w for w, _ in pool(gc).most_common(12)],
+                              "reference": [w for w, _ in pool(rc).most_common(12)]},
+    }

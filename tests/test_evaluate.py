@@ -237,8 +237,12 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     assert 0.0 <= saved["memorisation"]["generated"]["char30_share"] <= 1.0
     assert saved["curves"]["evals"] == 4 and saved["curves"]["best_iter"] in (0, 10, 20, 30)
     report = (run / "report.md").read_text(encoding="utf-8")
-    for heading in ("## Held-out likelihood", "## Baselines", "## Overfitting", "## Memorisation", "## Style", "## Samples"):
+    for heading in ("## Held-out likelihood", "## Baselines", "## Overfitting", "## Memorisation", "## Style",
+                    "## Themes", "## Samples"):
         assert heading in report
+    th = saved["style"]["themes"]  # generated against the real continuations of the same prompts, and a control
+    assert 0.0 <= th["content_per_prompt"]["own"] <= 1.0 and 0.0 <= th["content_per_prompt"]["shuffled"] <= 1.0
+    assert "content words, per prompt: JSD to own / another prompt's real text" in report and "content words" in out
     assert f"{lk['bpb']:.4f}" in report and saved["samples"][0]["generated"] in report
     assert "| measure | test | val |" in report and "**test** is the headline" in report
     for png in ("loss_curves.png", "bpb_baselines.png"):
