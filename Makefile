@@ -27,7 +27,7 @@ test-fast: dev
 	$(PY) -m pytest -q -m "not slow" tests
 
 # prepare the book (prepare.py's defaults: a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
-# evaluate it, and write three samples
+# evaluate it, and write three samples (a second make demo stops rather than overwrite the trained run: make clean first to retrain)
 demo: install
 	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
