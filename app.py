@@ -37,7 +37,8 @@ EXAMPLES = ["Well, Prince, so Genoa and Lucca are now just family estates of the
 class AppConfig:
     out_dir: str = opt("", "run shown first (a directory written by train.py; '' = the newest run under out/)")
     runs_dir: str = opt("out", "other runs offered on the page: folders under here with best.pt or ckpt.pt")
-    ckpt: str = opt("best", "best (lowest val loss) or latest")
+    ckpt: str = opt("best", "best (lowest val loss), latest, or ema (the weight average at its lowest val "
+                                     "loss: runs trained with --ema_decay)")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 to share on the network)")
     port: int = opt(7860, "port to listen on")
     device: str = opt("auto", "auto, cpu, cuda or mps")

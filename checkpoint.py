@@ -9,7 +9,9 @@ loaded with torch.load(weights_only=True), which refuses to run code from a pick
      "optimizer": state_dict or None, "scaler": state_dict or None,
      "config": the training config (dict), "model_config": GPTConfig as a dict,
      "meta": the data directory's meta.json, "iter_num": int, "best_val_loss": float,
-     "best_iter": int, "evals_since_best": int, "tokens_seen": int, "rng": {...}}
+     "best_iter": int, "evals_since_best": int, "tokens_seen": int, "rng": {...},
+     "ema": the weight average's state or None}
+ema.pt holds the weight average at its best val loss, as "model", without optimizer or random state.
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ from config import UserError, atomic_open
 from model import GPT, GPTConfig
 
 FORMAT, VERSION = "bookgpt", 1
-FILES = {"best": "best.pt", "latest": "ckpt.pt"}
+FILES = {"best": "best.pt", "latest": "ckpt.pt", "ema": "ema.pt"}  # ema: the weight average (train.py --ema_decay)
 
 
 def checkpoint_path(out_dir: str | Path, which: str = "best") -> Path:
     if which not in FILES:
-        raise UserError(f"unknown checkpoint '{which}': use best or latest")
+        raise UserError(f"unknown checkpoint '{which}': use {', '.join(FILES)}")
     return Path(out_dir) / FILES[which]
 
 

@@ -1,6 +1,6 @@
 """Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, themes, curves.
 
-    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest] [--stride=N] [--dynamic_lr=LR]
+    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest|ema] [--stride=N] [--dynamic_lr=LR]
 
 1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
    perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
@@ -45,7 +45,8 @@ from tokenizer import read_meta
 class EvalConfig:
     out_dir: str = opt("", "run directory written by train.py ('' = the newest run under out/)")
     split: str = opt("test", "the headline split: test (val is scored beside it), or val alone for data without one")
-    ckpt: str = opt("best", "best (lowest val loss) or latest")
+    ckpt: str = opt("best", "best (lowest val loss), latest, or ema (the weight average at its lowest val "
+                                     "loss: runs trained with --ema_decay)")
     data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
     stride: int = opt(0, "tokens scored per window; context >= block_size - stride (0 = block_size // 2)")
     batch_size: int = opt(16, "windows per forward pass")

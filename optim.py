@@ -1,15 +1,17 @@
-"""Optimisation: Muon, the AdamW parameter groups, the learning-rate schedule, and the step that
-clips and updates every optimizer together (or none of them).
+"""Optimisation: Muon, the AdamW parameter groups, the learning-rate schedule, the step that
+clips and updates every optimizer together (or none of them), and an average of the weights.
 
     optimizers = make_optimizers(model, cfg, device)
     stepped = optimizer_step(optimizers, scaler, params, grad_clip)
+    ema = WeightAverage(model, 0.99); ema.update(); with ema.swapped_in(): ...
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -158,3 +160,44 @@ def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.Gr
     for o in optimizers:
         o.zero_grad(set_to_none=True)
     return stepped
+
+
+# ----------------------------------------------------------------------------- weight averaging
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, kept in float32 beside them. After each
+    step avg += (1 - d) * (param - avg) with d = min(decay, (1 + t) / (10 + t)) at update t, so the
+    random initial weights fade within the first steps whatever the decay. It is scored and saved by
+    swapping it into the model (`swapped_in`), which puts the trained weights back afterwards."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.names, self.params = zip(*model.named_parameters())  # a tied weight once
+        self.avg = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.avg, [p.float() for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, trained):
+                    p.copy_(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "avg": dict(zip(self.names, self.avg))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        for name, a in zip(self.names, self.avg):
+            a.copy_(state["avg"][name])

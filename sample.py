@@ -33,7 +33,8 @@ TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 @dataclass
 class SampleConfig:
     out_dir: str = opt("", "run directory written by train.py ('' = the newest run under out/)")
-    ckpt: str = opt("best", "best (lowest val loss) or latest")
+    ckpt: str = opt("best", "best (lowest val loss), latest, or ema (the weight average at its lowest val "
+                                     "loss: runs trained with --ema_decay)")
     prompt: str = opt("\n", "text to continue")
     prompt_file: str = opt("", "read the prompt from this file instead")
     num_samples: int = opt(3, "how many continuations")

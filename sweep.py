@@ -395,7 +395,7 @@ def execute(run: Run, sweep: Sweep, opts: SweepOptions) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- results
 
-COLUMNS = ["best_val_bpb", "best_val_loss", "best_iter", "iters", "params", "tokens_per_s", "wall_s",
+COLUMNS = ["best_val_bpb", "best_ema_val_bpb", "best_val_loss", "best_iter", "iters", "params", "tokens_per_s", "wall_s",
            "status", "reason", "error", "out_dir"]
 STATUS_ORDER = {"finished": 0, "interrupted": 1, "timeout": 1, "failed": 2, "pending": 3}
 
@@ -411,7 +411,8 @@ def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
     evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))]
     if summary:
         seconds = summary.get("train_seconds") or 0.0
-        row.update(best_val_bpb=summary.get("best_val_bpb"), best_val_loss=summary.get("best_val_loss"),
+        row.update(best_val_bpb=summary.get("best_val_bpb"), best_ema_val_bpb=summary.get("best_ema_val_bpb"),
+                   best_val_loss=summary.get("best_val_loss"),
                    best_iter=summary.get("best_iter"), iters=summary.get("iter"), params=summary.get("params"),
                    tokens_per_s=summary.get("tokens_seen", 0) / seconds if seconds else None,
                    status="finished", reason=summary.get("reason"), error="")
@@ -478,12 +479,14 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> None
              + (", ".join(f"`{k}={_format_arg(v)}`" for k, v in sweep.fixed.items()) or "nothing")
              + (f" (the command line overrides {', '.join(sweep.cli)})" if sweep.cli else "") + ".",
              "Sorted by best validation bits per byte (lower is better); tok/s counts training steps only.", ""]
-    head = ["#", "run", *sweep.keys, "val bpb", "val loss", "best step", "steps", "params", "tok/s", "wall", "status"]
+    averaged = any(r["best_ema_val_bpb"] is not None for r in rows)  # runs with ema_decay: their average's best
+    head = ["#", "run", *sweep.keys, "val bpb", *(["average's val bpb"] if averaged else []), "val loss", "best step",
+            "steps", "params", "tok/s", "wall", "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
         status = r["status"] if r["status"] == "finished" else f"{r['status']}: {r['error']}".rstrip(": ")
         cells = [str(i), f"`{r['run']}`", *(_format_value(r[k]).replace("|", "\\|") for k in sweep.keys),
-                 _cell(r["best_val_bpb"]),
+                 _cell(r["best_val_bpb"]), *([_cell(r["best_ema_val_bpb"])] if averaged else []),
                  _cell(r["best_val_loss"]), _cell(r["best_iter"]), _cell(r["iters"]),
                  f"{r['params'] / 1e6:.2f}M" if r["params"] else "",
                  f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "", _duration(r["wall_s"]),

@@ -4,8 +4,9 @@
     torchrun --standalone --nproc_per_node=2 train.py config/wp_char_2x4090.toml
 
 Writes out_dir/{config.json, meta.json, metrics.jsonl, best.pt, ckpt.pt}. best.pt is the
-lowest-val checkpoint, ckpt.pt the latest; `--init_from=resume` continues from ckpt.pt
-exactly (weights, optimizer, RNG streams, step). SIGINT/SIGTERM finish the step, save, exit 0.
+lowest-val checkpoint, ckpt.pt the latest (and ema.pt, with --ema_decay, the weight average at its
+lowest val); `--init_from=resume` continues from ckpt.pt exactly (weights, optimizer, weight
+average, RNG streams, step). SIGINT/SIGTERM finish the step, save, exit 0.
 
 The longest file here, for one reason: it holds the loop and what only the loop uses, a section
 each: the config, batches drawn one ahead, the processes of a DDP job and signals, the metrics file,
@@ -38,7 +39,7 @@ from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_st
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
 from distill import Teacher, distill_loss
 from model import GPT, GPTConfig
-from optim import lr_factor, make_optimizers, optimizer_step, set_lr
+from optim import WeightAverage, lr_factor, make_optimizers, optimizer_step, set_lr
 from tokenizer import read_meta
 
 
@@ -65,6 +66,8 @@ class TrainConfig(GPTConfig):
     muon_momentum: float = opt(0.95, "Muon momentum")
     muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
+                                "0.99); each eval scores it on val and saves it as ema.pt when it improves (0 = off)")
     # distillation: learn from trained runs' predictions as well as from the text
     distill_from: str = opt("", "teacher runs (out_dirs, comma-separated; their best.pt), '' = off")
     distill_weight: float = opt(0.5, "share of the loss that is cross-entropy against the teachers' mean distribution")
@@ -117,6 +120,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the schedule would rise as "
                         f"it decays; set min_lr below it (e.g. learning_rate / 10)")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1), got {cfg.ema_decay} (0 = no weight average; 0.99 averages "
+                        f"about the last 100 steps)")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
@@ -319,7 +325,7 @@ def check_writable(out_dir: Path) -> None:
         raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}; choose another --out_dir") from None
 
 
-RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "config.json", "meta.json")
+RUN_FILES = ("ckpt.pt", "best.pt", "ema.pt", "metrics.jsonl", "config.json", "meta.json")
 
 
 def remove_stale_temps(out_dir: Path) -> None:
@@ -458,6 +464,8 @@ class Trainer:
         if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
             check_writable(self.out_dir)
             remove_stale_temps(self.out_dir)
+            if cfg.init_from == "scratch":  # a replaced run's weight average is not this run's
+                checkpoint_path(self.out_dir, "ema").unlink(missing_ok=True)
 
         # the model, its optimizers and the run's state (from ckpt.pt on resume)
         if cfg.vocab_size not in (0, self.meta["vocab_size"]):
@@ -471,8 +479,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=(self.dtype == "float16"))
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * d.rank)  # this rank's batch stream
         torch.manual_seed(cfg.seed + 1000 * d.rank + 1)  # this rank's dropout stream
+        self.ema = WeightAverage(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
         self.state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": -1, "evals_since_best": 0,
-                      "tokens_seen": 0, "train_seconds": 0.0}
+                      "tokens_seen": 0, "train_seconds": 0.0, "best_ema_val_loss": float("inf"), "best_ema_iter": -1}
         if cfg.init_from == "resume":
             self.resume(model_cfg)
         self.loader = Loader(self.batches["train"], self.gen)  # after resume: where the saved stream stands
@@ -504,7 +513,12 @@ class Trainer:
             opt_.load_state_dict(sd)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.state.update({k: ckpt[k] for k in self.state})
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema = WeightAverage(self.raw_model, self.cfg.ema_decay)  # starts from the resumed weights
+        self.state.update({k: ckpt.get(k, v) for k, v in self.state.items()})
         if self.d.rank < len(ckpt["rng"]):  # a job resumed with more processes: the new ones start fresh streams
             set_rng_state(ckpt["rng"][self.d.rank], self.gen, self.device)
         if self.d.master:
@@ -572,7 +586,23 @@ class Trainer:
             save_checkpoint(checkpoint_path(self.out_dir, which), self.raw_model,
                             optimizer=[o.state_dict() for o in self.optimizers],
                             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                            config=config_dict(self.cfg), meta=self.meta, rng=rngs, **self.state)
+                            config=config_dict(self.cfg), meta=self.meta, rng=rngs,
+                            ema=self.ema.state_dict() if self.ema is not None else None, **self.state)
+
+    def evaluate_average(self, record: dict[str, Any]) -> str:
+        """Score the weight average on val; save it as ema.pt when it improved. Returns the log's words."""
+        state = self.state
+        with self.ema.swapped_in():
+            val = estimate_loss(self.model, {"val": self.batches["val"]}, self.cfg, self.d, self.ctx)["val"]
+            improved = math.isfinite(val) and val < state["best_ema_val_loss"]
+            if improved:
+                state.update(best_ema_val_loss=val, best_ema_iter=state["iter_num"])
+                if self.d.master:
+                    save_checkpoint(checkpoint_path(self.out_dir, "ema"), self.raw_model, config=config_dict(self.cfg),
+                                    meta=self.meta, iter_num=state["iter_num"], best_val_loss=val,
+                                    best_iter=state["iter_num"], tokens_seen=state["tokens_seen"])
+        record.update(ema_val_loss=val, ema_val_bpb=bits_per_byte(val, self.meta["splits"]["val"]))
+        return f"; average {val:.4f} ({record['ema_val_bpb']:.3f} bpb){' *best*' if improved else ''}"
 
     def evaluate_and_save(self) -> None:
         state, out_dir = self.state, self.out_dir
@@ -591,10 +621,11 @@ class Trainer:
         record = {"kind": "eval", "iter": state["iter_num"], "train_loss": losses["train"], "val_loss": losses["val"],
                   "val_bpb": bits_per_byte(losses["val"], self.meta["splits"]["val"]), "lr": self.lr,
                   "tokens_seen": state["tokens_seen"], "time_s": state["train_seconds"]}
+        average = self.evaluate_average(record) if self.ema is not None else ""
         if self.d.master:
             self.metrics.write(record)
             self.bar.write(f"step {state['iter_num']}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                           f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}")
+                           f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}{average}")
             if self.wandb:
                 self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "kind"}, step=state["iter_num"])
         if improved:
@@ -655,8 +686,10 @@ class Trainer:
             factor = lr_factor(cfg, it, progress)
             self.lr = cfg.learning_rate * factor
             set_lr(self.optimizers, cfg, factor)
-            loss, _ = train_step(self.model, self.optimizers, self.scaler, self.params, self.loader, self.accum,
-                                 self.ctx, cfg.grad_clip, self.ddp, self.teacher, cfg.distill_weight)
+            loss, stepped = train_step(self.model, self.optimizers, self.scaler, self.params, self.loader, self.accum,
+                                       self.ctx, cfg.grad_clip, self.ddp, self.teacher, cfg.distill_weight)
+            if self.ema is not None and stepped:
+                self.ema.update()
             step = it + 1
             self.pending.append((step, loss))
             loss_value = self.read_losses() if step % cfg.log_interval == 0 else None  # the only wait per interval
@@ -694,6 +727,9 @@ class Trainer:
                    "best_val_bpb": bits_per_byte(state["best_val_loss"], self.meta["splits"]["val"]),
                    "best_iter": state["best_iter"], "tokens_seen": state["tokens_seen"],
                    "train_seconds": state["train_seconds"], "params": self.raw_model.num_params()}
+        if self.ema is not None:
+            summary.update(best_ema_val_bpb=bits_per_byte(state["best_ema_val_loss"], self.meta["splits"]["val"]),
+                           best_ema_iter=state["best_ema_iter"])
         if self.compiled is not None and self.compiled.error:
             summary["compile_error"] = self.compiled.error
         if self.d.master:

@@ -316,11 +316,13 @@ def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(tiny_char_data, data)
     (data / "test.bin").unlink()
-    f = write_sweep(tmp_path / "notest.toml", fixed={**tiny_fixed(data), "max_iters": 6, "eval_interval": 3},
-                    grid={"seed": [1, 2]})
+    f = write_sweep(tmp_path / "notest.toml", fixed={**tiny_fixed(data), "max_iters": 6, "eval_interval": 3,
+                                                     "ema_decay": 0.9}, grid={"seed": [1, 2]})
     out = tmp_path / "out"
     assert S.main([str(f), f"--out_root={out}"]) == 0
-    assert [r["status"] for r in _rows(out / "notest" / "results.csv")] == ["finished", "finished"]
+    rows = _rows(out / "notest" / "results.csv")
+    assert [r["status"] for r in rows] == ["finished", "finished"] and all(float(r["best_ema_val_bpb"]) > 0 for r in rows)
+    assert "| val bpb | average's val bpb |" in (out / "notest" / "results.md").read_text()  # the weight average's best
     run = out / "notest" / _rows(out / "notest" / "results.csv")[0]["run"]
     with pytest.raises(UserError, match=rf"^no test split in {data}: {data / 'test.bin'} is missing; prepare.py "
                                         r"writes one by default \(data prepared without one: prepare it again, or "
@@ -328,6 +330,8 @@ def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_pat
         E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false"])
     ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val"])
     assert list(ev["splits"]) == ["val"] and ev["data"]["split"] == "val"
+    ema = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val", "--ckpt=ema"])
+    assert ema["run"]["checkpoint"] == "ema.pt" and ema["likelihood"]["bpb"] != ev["likelihood"]["bpb"]
 
 
 def test_the_shipped_lr_sweep_sweeps_the_rate_its_optimizer_uses(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train as train_mod
-from checkpoint import load_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint
 from common import autocast
-from config import config_dict, parse_config
+from config import UserError, config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from optim import make_optimizers
+from optim import WeightAverage, make_optimizers
 from distill import Teacher, distill_loss
 from train import TrainConfig, train
 
@@ -84,6 +84,50 @@ def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
     assert straight == split  # bit-identical losses, step for step
     a, b = load_checkpoint(tmp_path / "straight" / "ckpt.pt"), load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_weight_average_follows_its_formula_and_swaps_back() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightAverage(model, decay=0.5)
+    expected = torch.ones(1, 2)
+    for t, value in enumerate((3.0, 5.0, 7.0), start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update()
+        d = min(0.5, (1 + t) / (10 + t))  # the early steps weigh the new weights more
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(ema.avg[0], expected)
+    with ema.swapped_in():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, torch.full((1, 2), 7.0))  # the trained weights are back
+    other = WeightAverage(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 3 and torch.equal(other.avg[0], ema.avg[0])
+
+
+def test_weight_average_is_scored_saved_and_resumed_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
+    kw = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, learning_rate=2e-3, ema_decay=0.9)
+    summary = run(tiny_char_data, tmp_path / "straight", max_iters=24, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=12, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=24, init_from="resume", **kw)
+    evals = records(tmp_path / "straight", "eval")
+    assert [e["iter"] for e in evals] == [0, 12, 24] and all("ema_val_bpb" in e for e in evals)
+    assert summary["best_ema_iter"] in (0, 12, 24) and summary["best_ema_val_bpb"] == min(e["ema_val_bpb"] for e in evals)
+    assert evals[0]["ema_val_loss"] == evals[0]["val_loss"]  # before any step the average is the weights
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert untimed(records(tmp_path / "split", "eval")) == untimed(evals)  # the average resumes exactly too
+    a, b = load_checkpoint(tmp_path / "straight" / "ema.pt"), load_checkpoint(tmp_path / "split" / "ema.pt")
+    assert a["iter_num"] == summary["best_ema_iter"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    latest = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    assert not torch.equal(a["model"]["lm_head.weight"], latest["model"]["lm_head.weight"])  # an average, not the weights
+    # sample.py and evaluate.py read it as --ckpt=ema; a scratch run without an average removes a replaced one
+    assert checkpoint_path(tmp_path / "straight", "ema").name == "ema.pt"
+    run(tiny_char_data, tmp_path / "straight", max_iters=2, eval_interval=2, overwrite=True)
+    assert not (tmp_path / "straight" / "ema.pt").exists() and "ema_val_loss" not in records(tmp_path / "straight", "eval")[0]
+    with pytest.raises(UserError, match=r"ema_decay must be in \[0, 1\)"):
+        run(tiny_char_data, tmp_path / "bad", ema_decay=1.0)
 
 
 def test_max_minutes_stops_with_final_eval_and_checkpoint(tiny_char_data: Path, tmp_path: Path) -> None:
