@@ -15,7 +15,8 @@
    control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
-Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically.
+Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically; for
+--ckpt=latest or ema, eval_latest.json and report_latest.md (or _ema), beside the best's.
 """
 from __future__ import annotations
 
@@ -328,7 +329,15 @@ def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def output_names(ckpt: str) -> dict[str, str]:
+    """The files an evaluation of checkpoint `ckpt` writes: best.pt's plain, the others' named after them."""
+    tag = "" if ckpt == "best" else f"_{ckpt}"
+    return {"json": f"eval{tag}.json", "report": f"report{tag}.md", "bpb_plot": f"bpb_baselines{tag}.png",
+            "curves": "loss_curves.png"}
+
+
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
+    names = output_names(ev["settings"]["ckpt"])
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
     md = [f"# Evaluation of `{run['out_dir']}`", "",
           f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
@@ -355,7 +364,7 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
         md += ["## Baselines", "",
                "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of each held-out split.", "",
                _md_table(("model", *(f"bpb on {name}" for name in ev["splits"])), rows), "",
-               "![bpb](bpb_baselines.png)", ""]
+               f"![bpb]({names['bpb_plot']})", ""]
     ov = ev["curves"]
     md += ["## Overfitting", ""]
     if ov.get("evals"):
@@ -368,7 +377,7 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                      f"{ov['best_val_loss']:.4f}): no overfitting yet.")
         md += [f"{trend} Val minus train loss: {ov['gap_at_best']:+.4f} at the best step, "
                f"{ov['gap_at_last']:+.4f} at the last. (train.py's losses are means over random windows; "
-               "the full pass above is the precise figure.)", "", "![loss curves](loss_curves.png)", ""]
+               "the full pass above is the precise figure.)", "", f"![loss curves]({names['curves']})", ""]
     else:
         md += ["No evaluations in metrics.jsonl.", ""]
     if ev.get("samples"):
@@ -401,7 +410,7 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
     md += ["## Timing", "", _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in ev["timings"].items()]), ""]
     for name, png in plots.items():
         atomic_write_bytes(out_dir / name, png)
-    atomic_write_bytes(out_dir / "report.md", "\n".join(md).encode("utf-8"))
+    atomic_write_bytes(out_dir / names["report"], "\n".join(md).encode("utf-8"))
 
 
 def print_summary(ev: dict[str, Any]) -> None:
@@ -431,7 +440,8 @@ def print_summary(ev: dict[str, Any]) -> None:
     if ov.get("evals"):
         print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
               f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")
-    print(f"wrote {ev['run']['out_dir']}/eval.json and report.md in {ev['timings']['total']:.1f} s")
+    names = output_names(ev["settings"]["ckpt"])
+    print(f"wrote {ev['run']['out_dir']}/{names['json']} and {names['report']} in {ev['timings']['total']:.1f} s")
 
 
 # ============================================================================ main
@@ -614,12 +624,13 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         "curves": curves,
         "samples": samples, "timings": timings,
     }
-    plots = {"loss_curves.png": plot_curves(train_rows, eval_rows, curves)} if eval_rows else {}
+    names = output_names(cfg.ckpt)
+    plots = {names["curves"]: plot_curves(train_rows, eval_rows, curves)} if eval_rows else {}
     if baselines:
-        plots["bpb_baselines.png"] = plot_bpb(lk["bpb"], baselines)
+        plots[names["bpb_plot"]] = plot_bpb(lk["bpb"], baselines)
     try:
         write_report(out_dir, ev, plots)
-        atomic_write_json(out_dir / "eval.json", ev)
+        atomic_write_json(out_dir / names["json"], ev)
     except OSError as e:
         raise UserError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None
     return ev

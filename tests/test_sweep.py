@@ -332,6 +332,9 @@ def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_pat
     assert list(ev["splits"]) == ["val"] and ev["data"]["split"] == "val"
     ema = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--split=val", "--ckpt=ema"])
     assert ema["run"]["checkpoint"] == "ema.pt" and ema["likelihood"]["bpb"] != ev["likelihood"]["bpb"]
+    # each checkpoint's evaluation has its own files: the best's eval.json is still the best's
+    assert json.loads((run / "eval.json").read_text())["run"]["checkpoint"] == "best.pt"
+    assert json.loads((run / "eval_ema.json").read_text())["run"]["checkpoint"] == "ema.pt" and (run / "report_ema.md").is_file()
 
 
 def test_the_shipped_lr_sweep_sweeps_the_rate_its_optimizer_uses(tmp_path: Path) -> None:
