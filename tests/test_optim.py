@@ -1,12 +1,12 @@
 """optim.py: the learning-rate schedule, Muon (batched by shape), and the step that clips and updates
-every optimizer together or, when fp16's GradScaler finds an overflow, none of them."""
+every optimizer together or, when fp16's GradScaler finds an overflow, none of them; the weight average."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import Muon, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
+from optim import Muon, WeightAverage, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
 from train import TrainConfig
 
 
@@ -143,3 +143,24 @@ def test_set_lr_scales_each_optimizers_own_peak() -> None:
     adamw, muon = make_optimizers(model, cfg, "cpu")
     set_lr([adamw, muon], cfg, 0.5)
     assert {g["lr"] for g in adamw.param_groups} == {5e-4} and {g["lr"] for g in muon.param_groups} == {0.01}
+
+
+def test_weight_average_follows_its_formula_and_swaps_back() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightAverage(model, decay=0.5)
+    expected = torch.ones(1, 2)
+    for t, value in enumerate((3.0, 5.0, 7.0), start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update()
+        d = min(0.5, (1 + t) / (10 + t))  # the early steps weigh the new weights more
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(ema.avg[0], expected)
+    with ema.swapped_in():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, torch.full((1, 2), 7.0))  # the trained weights are back
+    other = WeightAverage(model, decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 3 and torch.equal(other.avg[0], ema.avg[0])

@@ -18,7 +18,7 @@ from common import autocast
 from config import UserError, config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from optim import WeightAverage, make_optimizers
+from optim import make_optimizers
 from distill import Teacher, distill_loss
 from train import TrainConfig, train
 
@@ -84,27 +84,6 @@ def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
     assert straight == split  # bit-identical losses, step for step
     a, b = load_checkpoint(tmp_path / "straight" / "ckpt.pt"), load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def test_weight_average_follows_its_formula_and_swaps_back() -> None:
-    model = torch.nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema = WeightAverage(model, decay=0.5)
-    expected = torch.ones(1, 2)
-    for t, value in enumerate((3.0, 5.0, 7.0), start=1):
-        with torch.no_grad():
-            model.weight.fill_(value)
-        ema.update()
-        d = min(0.5, (1 + t) / (10 + t))  # the early steps weigh the new weights more
-        expected = d * expected + (1 - d) * value
-    assert torch.allclose(ema.avg[0], expected)
-    with ema.swapped_in():
-        assert torch.allclose(model.weight, expected)
-    assert torch.equal(model.weight, torch.full((1, 2), 7.0))  # the trained weights are back
-    other = WeightAverage(model, decay=0.5)
-    other.load_state_dict(ema.state_dict())
-    assert other.updates == 3 and torch.equal(other.avg[0], ema.avg[0])
 
 
 def test_weight_average_is_scored_saved_and_resumed_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
