@@ -98,6 +98,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     """Load and validate a checkpoint; every way it can be wrong is a UserError."""
     path = Path(path)
     if not path.is_file():
+        if path.name == FILES["ema"]:
+            raise UserError(f"no weight average at {path}: only runs trained with --ema_decay have one; "
+                            f"use --ckpt=best or --ckpt=latest")
         raise UserError(f"no checkpoint at {path}: train first (python train.py ...) or check --out_dir")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise around our one error line

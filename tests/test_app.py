@@ -244,7 +244,7 @@ def test_command_line_error_is_one_line_and_status_2(runs_dir: Path) -> None:
     r = subprocess.run([sys.executable, "app.py", f"--out_dir={runs_dir / 'tiny'}", "--ckpt=newest"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
     assert r.returncode == 2
-    assert r.stderr == "error: unknown checkpoint 'newest': use best or latest\n"
+    assert r.stderr == "error: unknown checkpoint 'newest': use best, latest, ema\n"
 
 
 @pytest.mark.slow

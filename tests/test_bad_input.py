@@ -268,7 +268,8 @@ def test_checkpoints_that_are_not_ours_or_not_this_version(error_line, run_dir: 
     (["--temperature=-0.1"], "temperature must be >= 0 (0 = greedy), got -0.1"),
     (["--max_new_tokens=-5"], "max_new_tokens must be between 1 and 100,000, got -5"),
     (["--device=tpu"], "unknown device 'tpu'"),
-    (["--ckpt=final"], "unknown checkpoint 'final': use best or latest"),
+    (["--ckpt=final"], "unknown checkpoint 'final': use best, latest, ema"),
+    (["--ckpt=ema"], "ema.pt: only runs trained with --ema_decay have one; use --ckpt=best or --ckpt=latest"),
 ])
 def test_sample_bad_requests(error_line, run_dir: Path, args: list[str], message: str) -> None:
     assert message in error_line(sample.main, f"--out_dir={run_dir}", *args)
