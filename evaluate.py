@@ -51,8 +51,12 @@ class EvalConfig:
     data_dir: str = opt("", "prepared data folder (default: the one the run was trained on)")
     stride: int = opt(0, "tokens scored per window; context >= block_size - stride (0 = block_size // 2)")
     batch_size: int = opt(16, "windows per forward pass")
-    dynamic_lr: str = opt("0", "dynamic evaluation at these SGD learning rates, comma-separated: each is scored on "
+    dynamic_lr: str = opt("0", "dynamic evaluation at these learning rates, comma-separated: each is scored on "
                                "val, the best on the headline split (0 = off)")
+    dynamic_method: str = opt("sgd", "dynamic evaluation's step: sgd, or rms (Krause et al.: each gradient divided by "
+                                     "its RMS over training batches)")
+    dynamic_decay: str = opt("0", "dynamic evaluation: pull the weights back towards the trained ones at these rates "
+                                  "per window, comma-separated (tried with every learning rate; 0 = no pull)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy machine)")
@@ -121,17 +125,30 @@ def host_sum(parts: list[torch.Tensor]) -> float:
 
 
 def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
-                lr: float, device: str = "cpu", dtype: str = "float32") -> tuple[float, int]:
+                lr: float, device: str = "cpu", dtype: str = "float32", decay: float = 0.0,
+                grad_rms: list[torch.Tensor] | None = None) -> tuple[float, int]:
     """strided_nll's total with dynamic evaluation (Krause et al., 2018): the windows are read in
-    order, one at a time, and after scoring a window the model takes one SGD step on the tokens it
+    order, one at a time, and after scoring a window the model takes one step on the tokens it
     just scored. Every token is still predicted before the model learns from it (a prequential
     code, as bz2 and xz adapt while they read), so this is a fair held-out figure, but of a model
-    that keeps learning from the book's own last chapters: it is reported beside the static one,
-    never instead. Works on a copy; `model` is left as it was."""
+    that keeps learning from the text it is scored on: it is reported beside the static one,
+    never instead. Works on a copy; `model` is left as it was.
+
+    The step is plain SGD, or with `grad_rms` (train_gradient_rms) Krause et al.'s: each gradient
+    divided by its RMS over training batches, and with `decay` a pull back towards the trained weights,
+    theta += -lr * g / (rms + eps) + min(decay * rms / mean(rms), 1) * (theta_trained - theta)
+    (without grad_rms: theta += -lr * g + decay * (theta_trained - theta))."""
     model = copy.deepcopy(model).train(False)
-    for p in model.parameters():
+    params = list(model.parameters())
+    for p in params:
         p.requires_grad_(True)
-    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+    trained = [p.detach().clone() for p in params] if decay else []
+    if grad_rms is not None:
+        mean_rms = torch.cat([r.flatten() for r in grad_rms]).mean()
+        scale = [1.0 / (r + 1e-20) for r in grad_rms]
+        pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in grad_rms]
+    else:
+        scale, pull = [None] * len(params), [min(decay, 1.0)] * len(params)
     tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     windows = strided_windows(len(tokens_t), block_size, stride)
     sums = []
@@ -141,10 +158,39 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
             logits, _ = model(xy[:, :-1])
         nll = F.cross_entropy(logits[0, -n:].float(), xy[0, -n:], reduction="sum")
         sums.append(nll.detach())
-        sgd.zero_grad(set_to_none=True)
         (nll / n).backward()
-        sgd.step()
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                step = -lr * (p.grad if scale[i] is None else p.grad * scale[i])
+                if decay:
+                    step += pull[i] * (trained[i] - p)
+                p.add_(step)
+                p.grad = None
     return host_sum(sums), sum(n for _, _, n in windows)
+
+
+def train_gradient_rms(model: torch.nn.Module, tokens: np.ndarray, block_size: int, device: str = "cpu",
+                       dtype: str = "float32", batches: int = 16, batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """The RMS of each parameter's gradient over `batches` random batches of the training split (the mean
+    loss per batch, as dynamic_nll's steps use): Krause et al.'s normaliser. Works on a copy."""
+    model = copy.deepcopy(model).train(False)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    squares = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    rng = np.random.default_rng(seed)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    for _ in range(batches):
+        starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+        xy = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts])).to(device)
+        with autocast(device, dtype):
+            logits, _ = model(xy[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].reshape(-1)).backward()
+        with torch.no_grad():
+            for sq, p in zip(squares, params):
+                sq += p.grad.float() ** 2
+                p.grad = None
+    return [(sq / batches).sqrt() for sq in squares]
 
 
 def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
@@ -336,6 +382,11 @@ def output_names(ckpt: str) -> dict[str, str]:
             "curves": "loss_curves.png"}
 
 
+def dynamic_label(dyn: dict[str, Any]) -> str:
+    return (f"lr {dyn['lr']:g}" + (f", decay {dyn['decay']:g}" if dyn.get("decay") else "")
+            + (", rms" if dyn.get("method") == "rms" else ""))
+
+
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
     names = output_names(ev["settings"]["ckpt"])
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
@@ -350,10 +401,12 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
           _md_table(("measure", *ev["splits"]), side_by_side(ev["splits"])), ""]
     if ev.get("dynamic"):
         dyn = ev["dynamic"]
-        md += [f"With dynamic evaluation (one SGD step after each window, on the tokens just scored; each token "
-               f"is still predicted before the model learns from it), the learning rate chosen on val "
+        step = ("one step of the gradient divided by its RMS on train" if dyn.get("method") == "rms"
+                else "one SGD step") + (", pulled back towards the trained weights," if dyn.get("decay") else "")
+        md += [f"With dynamic evaluation ({step} after each window, on the tokens just scored; each token "
+               f"is still predicted before the model learns from it), the setting chosen on val "
                f"({', '.join(f'{k}: {v:.4f}' if v is not None else f'{k}: diverged' for k, v in dyn['val_bpb_by_lr'].items())}"
-               f" bpb): lr {dyn['lr']:g}, "
+               f" bpb): {dynamic_label(dyn)}, "
                f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
                "figure above, which stays the headline.", ""]
     if ev.get("baselines"):
@@ -422,8 +475,8 @@ def print_summary(ev: dict[str, Any]) -> None:
         print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
     if ev.get("dynamic"):
         dyn = ev["dynamic"]
-        print(f"  {'bpb, dynamic evaluation (lr ' + format(dyn['lr'], 'g') + ')':<36} {dyn['bpb']:>16.4f}"
-              f"   (lr chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
+        print(f"  {'bpb, dynamic evaluation (' + dynamic_label(dyn) + ')':<36} {dyn['bpb']:>16.4f}"
+              f"   (chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
     if ev.get("baselines"):
         print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
         for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
@@ -499,7 +552,8 @@ def score(model: torch.nn.Module, tok: Any, tokens: np.ndarray, name: str, block
     return lk
 
 
-def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str, np.ndarray], scored: dict,
+def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str, np.ndarray],
+                       train_tokens: np.ndarray | None, scored: dict,
                        block_size: int, stride: int, device: str, dtype: str, timings: dict[str, float],
                        log: Callable[[str], None]) -> dict[str, Any]:
     """Dynamic evaluation at each learning rate on val; the best rate, on the headline split too.
@@ -507,32 +561,42 @@ def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str
     lrs = parse_lrs(cfg.dynamic_lr)
     if not lrs:
         return {}
-
-    def run(name: str, lr: float) -> dict[str, float]:
-        log(f"dynamic evaluation on {name} (SGD, lr {lr:g})...")
+    decays = parse_lrs(cfg.dynamic_decay, "dynamic_decay", keep_zero=True) or [0.0]
+    grad_rms = None
+    if cfg.dynamic_method == "rms":
         t0 = time.perf_counter()
-        total, n = dynamic_nll(model, tokens[name], block_size, stride, lr, device, dtype)
-        timings[f"dynamic evaluation on {name}, lr {lr:g}"] = time.perf_counter() - t0
+        grad_rms = train_gradient_rms(model, train_tokens, block_size, device, dtype, seed=cfg.seed)
+        timings["gradient RMS on train"] = time.perf_counter() - t0
+
+    def label(lr: float, decay: float) -> str:
+        return format(lr, "g") + (f", decay {decay:g}" if decay else "")
+
+    def run(name: str, lr: float, decay: float) -> dict[str, float]:
+        log(f"dynamic evaluation on {name} ({cfg.dynamic_method}, lr {label(lr, decay)})...")
+        t0 = time.perf_counter()
+        total, n = dynamic_nll(model, tokens[name], block_size, stride, lr, device, dtype, decay, grad_rms)
+        timings[f"dynamic evaluation on {name}, lr {label(lr, decay)}"] = time.perf_counter() - t0
         lk = scored[name]["likelihood"]
-        out = {"lr": lr, **likelihood_figures(total, n, lk["bytes"], lk["chars"])}
+        out = {"lr": lr, "decay": decay, **likelihood_figures(total, n, lk["bytes"], lk["chars"])}
         log(f"  {out['bpb']:.4f} bpb, loss {out['loss']:.4f}")
         return out
 
-    on_val = {lr: run("val", lr) for lr in lrs}
-    best = min(on_val.values(), key=lambda d: d["bpb"] if math.isfinite(d["bpb"]) else math.inf)  # a rate can diverge
-    headline = best if cfg.split == "val" else run(cfg.split, best["lr"])
-    return {**headline, "chosen_on": "val",
-            "val_bpb_by_lr": {format(lr, "g"): d["bpb"] if math.isfinite(d["bpb"]) else None for lr, d in on_val.items()}}
+    on_val = {label(lr, d): run("val", lr, d) for lr in lrs for d in decays}
+    best = min(on_val.values(), key=lambda r: r["bpb"] if math.isfinite(r["bpb"]) else math.inf)  # a rate can diverge
+    headline = best if cfg.split == "val" else run(cfg.split, best["lr"], best["decay"])
+    return {**headline, "method": cfg.dynamic_method, "chosen_on": "val",
+            "val_bpb_by_lr": {k: r["bpb"] if math.isfinite(r["bpb"]) else None for k, r in on_val.items()}}
 
 
-def parse_lrs(text: str) -> list[float]:
+def parse_lrs(text: str, key: str = "dynamic_lr", keep_zero: bool = False) -> list[float]:
+    """A comma-separated list of rates (dynamic_lr, dynamic_decay); zeros dropped unless keep_zero."""
     try:
         lrs = [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"bad value for 'dynamic_lr': {text!r}; use learning rates such as 0.03 or 0.01,0.03,0.1") from None
-    if any(lr < 0 for lr in lrs):
-        raise UserError(f"dynamic_lr must be >= 0, got {text}")
-    return [lr for lr in lrs if lr > 0]
+        raise UserError(f"bad value for '{key}': {text!r}; use rates such as 0.03 or 0.01,0.03,0.1") from None
+    if any(not lr >= 0 for lr in lrs):
+        raise UserError(f"{key} must be >= 0, got {text}")
+    return [lr for lr in lrs if lr > 0 or keep_zero]
 
 
 def check_settings(cfg: EvalConfig) -> None:
@@ -541,6 +605,9 @@ def check_settings(cfg: EvalConfig) -> None:
     if cfg.batch_size < 1 or cfg.stride < 0:
         raise UserError("batch_size must be >= 1 and stride >= 0")
     parse_lrs(cfg.dynamic_lr)
+    parse_lrs(cfg.dynamic_decay, "dynamic_decay")
+    if cfg.dynamic_method not in ("sgd", "rms"):
+        raise UserError(f"bad value for 'dynamic_method': {cfg.dynamic_method!r}; use sgd or rms")
     if not 1 <= cfg.ngram_order <= 8:
         raise UserError(f"ngram_order must be 1..8 (byte n-grams are packed into 64 bits), got {cfg.ngram_order}")
     if cfg.num_prompts < 0 or cfg.prompt_chars < 1:
@@ -596,7 +663,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
             timings[f"baselines on {name}" + (" (cached)" if cached else "")] = time.perf_counter() - t0
             scored[name]["baselines"] = base
     lk, baselines = scored[cfg.split]["likelihood"], scored[cfg.split].get("baselines", {})
-    dynamic = dynamic_evaluation(cfg, model, tokens, scored, block_size, stride, device, dtype, timings, log)
+    dynamic = dynamic_evaluation(cfg, model, tokens, read_split(data_dir, "train", meta) if cfg.dynamic_method == "rms"
+                                 else None, scored, block_size, stride, device, dtype, timings, log)
     tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style

@@ -167,6 +167,22 @@ def test_dynamic_evaluation_adapts_to_the_text_it_reads() -> None:
     static, n = E.strided_nll(model, tokens, block, 8)
     dynamic, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3)
     assert dynamic < 0.6 * static  # (here about half)
+    # pulled all the way back to the trained weights after every step, it keeps only the last step's learning
+    pulled, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3, decay=1.0)
+    assert dynamic < pulled < static
+
+
+def test_krause_steps_divide_by_the_training_gradients_rms() -> None:
+    model, block = tiny_gpt(), 16
+    tokens = np.random.default_rng(6).integers(0, 11, size=120)
+    rms = E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)
+    assert [r.shape for r in rms] == [p.shape for p in model.parameters()] and all((r >= 0).all() for r in rms)
+    assert all(torch.equal(a, b) for a, b in zip(rms, E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)))
+    ones = [torch.ones_like(r) for r in rms]  # an RMS of 1 everywhere is plain SGD
+    assert E.dynamic_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones)[0] == \
+        pytest.approx(E.dynamic_nll(model, tokens, block, 8, lr=0.2)[0], rel=1e-5)
+    assert E.dynamic_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1)[0] != \
+        pytest.approx(E.strided_nll(model, tokens, block, 8)[0], rel=1e-4)
 
 
 class Ops(TorchDispatchMode):
@@ -271,8 +287,15 @@ def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys:
     assert f"**{dyn['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
     saved = json.loads((run / "eval.json").read_text(encoding="utf-8"))["dynamic"]
     assert saved["val_bpb_by_lr"]["5"] is None  # lr 5 diverged on val: recorded, never chosen
-    assert {k: v for k, v in saved.items() if k != "val_bpb_by_lr"} == \
-        pytest.approx({k: v for k, v in dyn.items() if k != "val_bpb_by_lr"})
+    assert {k: v for k, v in saved.items() if k not in ("val_bpb_by_lr", "method", "chosen_on")} == \
+        pytest.approx({k: v for k, v in dyn.items() if k not in ("val_bpb_by_lr", "method", "chosen_on")})
+    # Krause et al.'s steps: every learning rate with every decay, chosen on val
+    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32",
+                 "--dynamic_method=rms", "--dynamic_lr=1e-4,1e-3", "--dynamic_decay=0,0.02"])
+    dyn = ev["dynamic"]
+    assert set(dyn["val_bpb_by_lr"]) == {"0.0001", "0.001", "0.0001, decay 0.02", "0.001, decay 0.02"}
+    assert dyn["method"] == "rms" and any(k.endswith("gradient RMS on train") for k in ev["timings"])
+    assert "(lr " + format(dyn["lr"], "g") in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -296,9 +319,11 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
         E.main([f"--out_dir={run}", f"--data_dir={other}", "--num_prompts=0", "--baselines=false"])
 
 
-@pytest.mark.parametrize("arg, says", [("--dynamic_lr=fast", "use learning rates such as"), ("--split=train", "use val or test"),
+@pytest.mark.parametrize("arg, says", [("--dynamic_lr=fast", "use rates such as"), ("--split=train", "use val or test"),
                                        ("--stride=1000", "larger than the model's block_size"),
                                        ("--dynamic_lr=-1", "dynamic_lr must be >= 0"),
+                                       ("--dynamic_decay=x", "bad value for 'dynamic_decay'"),
+                                       ("--dynamic_method=adam", "use sgd or rms"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run
