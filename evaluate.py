@@ -136,7 +136,7 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
 
     The step is plain SGD, or with `grad_rms` (train_gradient_rms) Krause et al.'s: each gradient
     divided by its RMS over training batches, and with `decay` a pull back towards the trained weights,
-    theta += -lr * g / (rms + eps) + min(decay * rms / mean(rms), 1) * (theta_trained - theta)
+    theta += -lr * g / (rms + floor) + min(decay * rms / mean(rms), 1) * (theta_trained - theta)
     (without grad_rms: theta += -lr * g + decay * (theta_trained - theta))."""
     model = copy.deepcopy(model).train(False)
     params = list(model.parameters())
@@ -145,8 +145,11 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
     trained = [p.detach().clone() for p in params] if decay else []
     if grad_rms is not None:
         mean_rms = torch.cat([r.flatten() for r in grad_rms]).mean()
-        scale = [1.0 / (r + 1e-20) for r in grad_rms]
-        pull = [torch.clamp(decay * r / mean_rms, max=1.0) for r in grad_rms]
+        # a weight whose gradient was ~0 on the sampled batches (the embedding of a token they lack) must not
+        # take an unbounded step: the floor is a tenth of its tensor's mean RMS (or of all of them; none: SGD)
+        floors = [0.1 * (r.mean() if r.mean() > 0 else mean_rms) for r in grad_rms]
+        scale = [1.0 / (r + f) if f > 0 else None for r, f in zip(grad_rms, floors)]
+        pull = [torch.clamp(decay * r / mean_rms, max=1.0) if mean_rms > 0 else min(decay, 1.0) for r in grad_rms]
     else:
         scale, pull = [None] * len(params), [min(decay, 1.0)] * len(params)
     tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
@@ -196,9 +199,10 @@ def train_gradient_rms(model: torch.nn.Module, tokens: np.ndarray, block_size: i
 def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
     """Everything users quote, from one total: per token, per byte (the headline) and per character."""
     loss = total_nats / n_tokens
-    return {"bpb": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_bytes}), "loss": loss, "ppl": math.exp(loss),
+    exp = lambda x: math.exp(x) if x < 700 else math.inf  # noqa: E731  (a diverged dynamic evaluation)
+    return {"bpb": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_bytes}), "loss": loss, "ppl": exp(loss),
             "bits_per_token": loss / math.log(2), "bpc": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_chars}),
-            "ppl_char": math.exp(total_nats / n_chars),
+            "ppl_char": exp(total_nats / n_chars),
             "tokens": n_tokens, "bytes": n_bytes, "chars": n_chars}
 
 
@@ -363,15 +367,15 @@ def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
 def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rate, eb, cb = th["entities_per_kword"], th["entities_jsd_to_book"], th["content_jsd_to_book"]
     rows = [("names and places per 1000 words", f"{rate['book']:.1f}", f"{rate['generated']:.1f}", f"{rate['reference']:.1f}"),
-            ("names and places: JSD to the book", "0", f"{eb['generated']:.3f}", f"{eb['reference']:.3f}"),
+            ("names/places: JSD to the book", "0", f"{eb['generated']:.3f}", f"{eb['reference']:.3f}"),
             ("content words: JSD to the book", "0", f"{cb['generated']:.3f}", f"{cb['reference']:.3f}"),
-            ("names and places: JSD to the real text", "-", f"{th['entities_jsd_to_real']:.3f}", "0"),
-            ("content words: JSD to the real text", "-", f"{th['content_jsd_to_real']:.3f}", "0")]
-    for key, label in (("entities_per_prompt", "names and places"), ("content_per_prompt", "content words")):
+            ("names/places: JSD to real text", "-", f"{th['entities_jsd_to_real']:.3f}", "0"),
+            ("content words: JSD to real text", "-", f"{th['content_jsd_to_real']:.3f}", "0")]
+    for key, label in (("entities_per_prompt", "names/places"), ("content_per_prompt", "content words")):
         pp = th[key]
         if pp["own"] is not None and pp["shuffled"] is not None:
-            rows.append((f"{label}, per prompt: JSD to own / another prompt's real text", "-",
-                         f"{pp['own']:.3f} / {pp['shuffled']:.3f}", "0 / -"))
+            rows += [(f"{label}, own prompt's real", "-", f"{pp['own']:.3f}", "0"),
+                     (f"{label}, other prompt's real", "-", f"{pp['shuffled']:.3f}", "-")]
     return rows
 
 
@@ -452,7 +456,8 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                "Who and where the text names (the principal characters and places) and what it talks about (its "
                "words without function words), as Jensen-Shannon divergences in bits (0 the same mix, 1 nothing in "
                "common). Per prompt, each generated continuation is held against its own prompt's real continuation "
-               "and against another prompt's (a shuffled-prompt control): closer to its own means it follows its prompt.", "",
+               "and against another prompt's (a shuffled-prompt control; the mean JSD of each): closer to its own "
+               "means it follows its prompt.", "",
                _md_table(("measure", "book (train)", "generated", "real continuation"), theme_rows(th)), "",
                f"Most frequent content words, generated: {', '.join(th['top_content_words']['generated'])}; "
                f"real: {', '.join(th['top_content_words']['reference'])}.", "",

@@ -178,9 +178,13 @@ def test_krause_steps_divide_by_the_training_gradients_rms() -> None:
     rms = E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)
     assert [r.shape for r in rms] == [p.shape for p in model.parameters()] and all((r >= 0).all() for r in rms)
     assert all(torch.equal(a, b) for a, b in zip(rms, E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)))
-    ones = [torch.ones_like(r) for r in rms]  # an RMS of 1 everywhere is plain SGD
+    ones = [torch.full_like(r, 1 / 1.1) for r in rms]  # an RMS of 1/1.1 everywhere (plus its floor, 0.1/1.1) is SGD
     assert E.dynamic_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones)[0] == \
         pytest.approx(E.dynamic_nll(model, tokens, block, 8, lr=0.2)[0], rel=1e-5)
+    # a weight the training batches never moved (rms 0) takes a bounded step, not an infinite one
+    zeros = [torch.zeros_like(r) for r in rms]
+    assert math.isfinite(E.dynamic_nll(model, tokens, block, 8, lr=1e-3, grad_rms=zeros)[0])
+    assert E.likelihood_figures(1e6, 10, 10, 10)["ppl"] == math.inf  # a diverged pass is reported, not a crash
     assert E.dynamic_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1)[0] != \
         pytest.approx(E.strided_nll(model, tokens, block, 8)[0], rel=1e-4)
 
@@ -258,7 +262,7 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
         assert heading in report
     th = saved["style"]["themes"]  # generated against the real continuations of the same prompts, and a control
     assert 0.0 <= th["content_per_prompt"]["own"] <= 1.0 and 0.0 <= th["content_per_prompt"]["shuffled"] <= 1.0
-    assert "content words, per prompt: JSD to own / another prompt's real text" in report and "content words" in out
+    assert "| content words, other prompt's real | - |" in report and "content words, own prompt's real" in out
     assert f"{lk['bpb']:.4f}" in report and saved["samples"][0]["generated"] in report
     assert "| measure | test | val |" in report and "**test** is the headline" in report
     for png in ("loss_curves.png", "bpb_baselines.png"):
