@@ -21,7 +21,7 @@ test: dev
 	$(PY) tests/testdata.py
 	$(PY) -m pytest -q tests
 
-# the inner loop: everything but the tests that start processes (about 30 s on 2 cores)
+# the inner loop: everything but the tests that start processes (about 1 minute on 2 cores)
 test-fast: dev
 	$(PY) tests/testdata.py
 	$(PY) -m pytest -q -m "not slow" tests
