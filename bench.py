@@ -41,7 +41,8 @@ from model import GPT, GPTConfig, training_flops
 from optim import make_optimizers, optimizer_step
 from sample import SampleConfig
 from tokenizer import read_meta
-from train import Batches, TrainConfig, forward_backward, train_step, validate
+from batches import Batches
+from train import TrainConfig, forward_backward, train_step, validate
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (GeForce cards: with fp32
 # accumulation, which is what bf16 autocast uses). Checked in order, so "H100 PCIe" before "H100".
@@ -433,7 +434,7 @@ def print_report(res: dict[str, Any]) -> None:
         if r["compile"]:
             print(f"{r['name']}: compile took ~{r['compile_s']:.1f} s (first step minus a steady one)")
     if res.get("data_ms_per_batch") is not None:
-        print(f"data loading (train.Batches): {res['data_ms_per_batch']:.2f} ms per micro-batch")
+        print(f"data loading (batches.Batches): {res['data_ms_per_batch']:.2f} ms per micro-batch")
     s = res.get("sampling")
     if s:
         print(f"\nsampling {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt ({s['dtype']}): "

@@ -8,9 +8,9 @@ lowest-val checkpoint, ckpt.pt the latest (and ema.pt, with --ema_decay, the wei
 lowest val); `--init_from=resume` continues from ckpt.pt exactly (weights, optimizer, weight
 average, RNG streams, step). SIGINT/SIGTERM finish the step, save, exit 0.
 
-The longest file here, for one reason: it holds the loop and what only the loop uses, a section
-each: the config, batches drawn one ahead, the processes of a DDP job and signals, the metrics file,
-one step (train_step, which bench.py times too), and the Trainer that runs them.
+It holds the loop and what only the loop uses, a section each: the config, the metrics file,
+one step (train_step, which bench.py times too), and the Trainer that runs them; batches.py draws
+the batches and distributed.py holds the processes of a DDP job and the stop signals.
 """
 from __future__ import annotations
 
@@ -20,15 +20,12 @@ import json
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,9 +35,10 @@ from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_st
                     resolve_dtype, set_device_rng_state)
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
 from distill import Teacher, distill_loss
+from batches import Batches, Loader, read_data_meta
+from distributed import Dist, StopFlag, setup_distributed
 from model import GPT, GPTConfig
 from optim import WeightAverage, lr_factor, make_optimizers, optimizer_step, set_lr
-from tokenizer import read_meta
 
 
 @dataclass
@@ -125,174 +123,6 @@ def validate(cfg: TrainConfig) -> None:
                         f"about the last 100 steps)")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
-
-
-# ----------------------------------------------------------------------------- data
-
-class Batches:
-    """Random (x, y) windows from a split's token file.
-
-    The memmap is opened per batch (a long-lived one grows resident memory, a nanoGPT
-    complaint), and offsets come from a torch.Generator so the stream can be saved and
-    resumed exactly. Each rank seeds its own generator, so ranks draw different batches."""
-
-    def __init__(self, data_dir: Path, split: str, dtype: str, block_size: int, batch_size: int, device: str) -> None:
-        self.path = data_dir / f"{split}.bin"
-        self.dtype, self.block_size, self.batch_size, self.device = np.dtype(dtype), block_size, batch_size, device
-        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
-        if self.n_tokens <= block_size:
-            raise UserError(f"{self.path} has {self.n_tokens} tokens, not more than block_size={block_size}; "
-                            f"use a smaller block_size or a bigger split")
-
-    def get(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        data = np.memmap(self.path, dtype=self.dtype, mode="r")
-        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=gen).tolist()
-        rows = np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
-        del data
-        xy = torch.from_numpy(rows)
-        if self.device.startswith("cuda"):  # pinned memory: the copy runs without the host waiting for it
-            xy = xy.pin_memory().to(self.device, non_blocking=True)
-        else:
-            xy = xy.to(self.device)
-        return xy[:, :-1], xy[:, 1:]
-
-
-class Loader:
-    """The training batches, each drawn one ahead: while the GPU works through one micro-batch,
-    the host has already cut the next from the memmap and queued its copy to the device.
-
-    `state()` is the batch stream where the first batch not yet handed out begins (the one drawn
-    ahead is not counted as used): a checkpoint saves it, and a resume draws that batch again."""
-
-    def __init__(self, batches: Batches, gen: torch.Generator) -> None:
-        self.batches, self.gen = batches, gen
-        self._state = gen.get_state()
-        self._next = batches.get(gen)
-
-    def __iter__(self) -> "Loader":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._next
-        self._state = self.gen.get_state()
-        self._next = self.batches.get(self.gen)
-        return batch
-
-    def state(self) -> torch.Tensor:
-        return self._state
-
-
-def read_data_meta(data_dir: Path) -> dict[str, Any]:
-    """meta.json of a prepared folder (tokenizer.read_meta checks it), and the bins training needs."""
-    meta = read_meta(data_dir)
-    for split in ("train", "val"):
-        if not (data_dir / f"{split}.bin").is_file():
-            raise UserError(f"{data_dir / (split + '.bin')} is missing; run prepare.py again")
-    return meta
-
-
-# ----------------------------------------------------------------------------- processes
-
-@dataclass
-class Dist:
-    """This process's place in the job, and the collectives train.py uses, all on `device`.
-
-    NCCL serves CUDA tensors only: a CPU tensor in any collective of an NCCL process group raises
-    "No backend type associated with device type cpu". Every collective here takes tensors on the
-    training device, and refuses others the same way on any backend, so a CPU run catches it too."""
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def _check(self, x: torch.Tensor) -> None:
-        want = torch.device(self.device)
-        if x.device.type != want.type or (want.index is not None and x.device.index != want.index):
-            raise RuntimeError(f"a collective got a tensor on {x.device}, but this job's processes exchange "
-                               f"tensors on {self.device} (NCCL refuses any other device)")
-
-    def all_mean(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            self._check(x)
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
-            x /= self.world
-        return x
-
-    def any(self, flags: list[bool]) -> list[bool]:
-        """Each flag, true if it is true on any process (reading the result waits for the device)."""
-        if self.world == 1:
-            return flags
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        self._check(t)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every process's obj, in rank order (NCCL moves them through the current CUDA device,
-        which setup_distributed set)."""
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            index = torch.device(self.device).index
-            dist.barrier(device_ids=[index] if index is not None else None)
-
-
-def setup_distributed(device: str) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE. With device=cuda each process takes the GPU of its local rank
-    and the processes talk over NCCL; on a CPU over gloo. BOOKGPT_DIST_BACKEND overrides the backend:
-    "cuda:gloo" has NCCL's restriction to CUDA tensors and lets two processes share one GPU
-    (device=cuda:0), which is how one GPU checks the two-GPU path (gpu_check.py)."""
-    if "RANK" not in os.environ:
-        return Dist(device=device)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    backend = os.environ.get("BOOKGPT_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started process {local_rank} on this node but it has "
-                            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node={torch.cuda.device_count()}")
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    elif device.startswith("cuda:") and backend == "nccl" and world > 1:
-        raise UserError(f"device={device} puts every process on one GPU, which NCCL refuses; pass device=cuda "
-                        f"(each process takes its own GPU)")
-    # a rank that dies makes the others fail at the next collective after this timeout, not hang
-    timeout = float(os.environ.get("BOOKGPT_DIST_TIMEOUT", "300"))
-    import datetime
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-    return Dist(rank, local_rank, world, device)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second signal
-    while saving changes nothing: the save is atomic and finishes."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.requested:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, saving ckpt.pt, then exiting", flush=True)
-        self.requested = True
 
 
 class Metrics:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import batches
+import distributed
 import train as train_mod
 from checkpoint import checkpoint_path, load_checkpoint
 from common import autocast
@@ -291,8 +293,8 @@ def test_collectives_use_tensors_on_the_training_device(monkeypatch: pytest.Monk
         seen.append(t.device)
         raise Recorded  # a meta tensor holds no values to read back
 
-    monkeypatch.setattr(train_mod.dist, "all_reduce", all_reduce)
-    d = train_mod.Dist(rank=0, local_rank=0, world=2, device="meta")
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    d = distributed.Dist(rank=0, local_rank=0, world=2, device="meta")
     with pytest.raises(Recorded):
         d.any([True, False])  # the stop flags: signal, time budget
     with pytest.raises(Recorded):
@@ -301,7 +303,7 @@ def test_collectives_use_tensors_on_the_training_device(monkeypatch: pytest.Monk
     # and a tensor on another device is refused as NCCL would refuse it, on any backend
     with pytest.raises(RuntimeError, match="a collective got a tensor on cpu, but this job's processes exchange tensors on meta"):
         d.all_mean(torch.zeros(()))
-    assert train_mod.Dist(world=1).any([True, False]) == [True, False]  # one process: nothing to agree on
+    assert distributed.Dist(world=1).any([True, False]) == [True, False]  # one process: nothing to agree on
 
 
 def test_torchrun_refuses_what_nccl_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,9 +314,9 @@ def test_torchrun_refuses_what_nccl_would_refuse(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("BOOKGPT_DIST_BACKEND", raising=False)
     with pytest.raises(train_mod.UserError, match=r"has 1 GPU\(s\); use --nproc_per_node=1"):
-        train_mod.setup_distributed("cuda")
+        distributed.setup_distributed("cuda")
     with pytest.raises(train_mod.UserError, match="device=cuda:0 puts every process on one GPU, which NCCL refuses"):
-        train_mod.setup_distributed("cuda:0")
+        distributed.setup_distributed("cuda:0")
 
 
 class HostReads(TorchDispatchMode):
@@ -340,7 +342,7 @@ def test_a_training_step_never_waits_for_the_device(tiny_char_data: Path, optimi
     model = GPT(GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 200}))
     optimizers = make_optimizers(model, cfg, "cpu")
     meta = json.loads((tiny_char_data / "meta.json").read_text())
-    loader = train_mod.Loader(train_mod.Batches(tiny_char_data, "train", meta["dtype"], 16, 2, "cpu"),
+    loader = batches.Loader(batches.Batches(tiny_char_data, "train", meta["dtype"], 16, 2, "cpu"),
                               torch.Generator().manual_seed(0))
     params = list(model.parameters())
     for dtype, waits in (("float32", False), ("bfloat16", False), ("float16", True)):
@@ -353,12 +355,12 @@ def test_a_training_step_never_waits_for_the_device(tiny_char_data: Path, optimi
 
 def test_batches_are_drawn_ahead_and_the_saved_stream_redraws_the_next(tiny_char_data: Path) -> None:
     meta = json.loads((tiny_char_data / "meta.json").read_text())
-    b = train_mod.Batches(tiny_char_data, "train", meta["dtype"], 16, 3, "cpu")
-    loader = train_mod.Loader(b, torch.Generator().manual_seed(5))
+    b = batches.Batches(tiny_char_data, "train", meta["dtype"], 16, 3, "cpu")
+    loader = batches.Loader(b, torch.Generator().manual_seed(5))
     next(loader)
     saved = loader.state()  # a checkpoint taken now: the batch drawn ahead is not counted as used
     following = [next(loader) for _ in range(3)]
-    again = train_mod.Loader(b, torch.Generator().set_state(saved))
+    again = batches.Loader(b, torch.Generator().set_state(saved))
     assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(following, (next(again) for _ in range(3))))
 
 

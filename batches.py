@@ -1,0 +1,76 @@
+"""Training batches: random windows of a prepared split, read from its memory-mapped bin, drawn one
+batch ahead so the copy to the device overlaps the step, from a generator whose state a checkpoint
+saves; and the meta.json check of the folder training reads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from config import UserError
+from tokenizer import read_meta
+
+
+class Batches:
+    """Random (x, y) windows from a split's token file.
+
+    The memmap is opened per batch (a long-lived one grows resident memory, a nanoGPT
+    complaint), and offsets come from a torch.Generator so the stream can be saved and
+    resumed exactly. Each rank seeds its own generator, so ranks draw different batches."""
+
+    def __init__(self, data_dir: Path, split: str, dtype: str, block_size: int, batch_size: int, device: str) -> None:
+        self.path = data_dir / f"{split}.bin"
+        self.dtype, self.block_size, self.batch_size, self.device = np.dtype(dtype), block_size, batch_size, device
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        if self.n_tokens <= block_size:
+            raise UserError(f"{self.path} has {self.n_tokens} tokens, not more than block_size={block_size}; "
+                            f"use a smaller block_size or a bigger split")
+
+    def get(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=gen).tolist()
+        rows = np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        del data
+        xy = torch.from_numpy(rows)
+        if self.device.startswith("cuda"):  # pinned memory: the copy runs without the host waiting for it
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        else:
+            xy = xy.to(self.device)
+        return xy[:, :-1], xy[:, 1:]
+
+
+class Loader:
+    """The training batches, each drawn one ahead: while the GPU works through one micro-batch,
+    the host has already cut the next from the memmap and queued its copy to the device.
+
+    `state()` is the batch stream where the first batch not yet handed out begins (the one drawn
+    ahead is not counted as used): a checkpoint saves it, and a resume draws that batch again."""
+
+    def __init__(self, batches: Batches, gen: torch.Generator) -> None:
+        self.batches, self.gen = batches, gen
+        self._state = gen.get_state()
+        self._next = batches.get(gen)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._next
+        self._state = self.gen.get_state()
+        self._next = self.batches.get(self.gen)
+        return batch
+
+    def state(self) -> torch.Tensor:
+        return self._state
+
+
+def read_data_meta(data_dir: Path) -> dict[str, Any]:
+    """meta.json of a prepared folder (tokenizer.read_meta checks it), and the bins training needs."""
+    meta = read_meta(data_dir)
+    for split in ("train", "val"):
+        if not (data_dir / f"{split}.bin").is_file():
+            raise UserError(f"{data_dir / (split + '.bin')} is missing; run prepare.py again")
+    return meta
