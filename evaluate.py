@@ -15,13 +15,12 @@
    control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
-Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots, atomically; for
+Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots (report.py), atomically; for
 --ckpt=latest or ema, eval_latest.json and report_latest.md (or _ema), beside the best's.
 """
 from __future__ import annotations
 
 import copy
-import io
 import math
 import random
 import sys
@@ -34,12 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines import baseline_label, cached_baselines
+from baselines import cached_baselines
 from checkpoint import data_difference, load_for_inference
 from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config
+from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from report import output_names, plot_bpb, plot_curves, print_summary, write_report
 from sample import TEMPERATURE, TOP_K, TOP_P, check_sampling
-from textstats import NAMES, TrainIndex, memorisation, style_distance, style_stats, themes
+from textstats import TrainIndex, memorisation, style_distance, style_stats, themes
 from tokenizer import read_meta
 
 @dataclass
@@ -256,250 +256,6 @@ def overfitting_summary(evals: list[dict]) -> dict[str, Any]:
             "evals_after_best": sum(r["iter"] > best["iter"] for r in evals),
             "val_rise_after_best": last["val_loss"] - best["val_loss"],
             "gap_at_best": best["val_loss"] - best["train_loss"], "gap_at_last": last["val_loss"] - last["train_loss"]}
-
-
-# ============================================================================ plots and report
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -> bytes:
-    """Loss against step: train (per log line and per eval) and val, best val marked."""
-    from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend state
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    if train:
-        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.3, lw=1,
-                label="train (batch)")
-    if evals:
-        its = [r["iter"] for r in evals]
-        ax.plot(its, [r["train_loss"] for r in evals], "o-", color="tab:blue", ms=3, label="train (eval)")
-        ax.plot(its, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val (eval)")
-        ax.axvline(summary["best_iter"], color="tab:red", ls="--", lw=1,
-                   label=f"best val {summary['best_val_loss']:.4f} at step {summary['best_iter']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("train vs val loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def plot_bpb(model_bpb: float, baselines: dict[str, dict]) -> bytes:
-    """Horizontal bars: the model's held-out bpb beside every baseline, best at the top."""
-    from matplotlib.figure import Figure
-
-    rows = sorted([("this model", model_bpb)] + [(baseline_label(k), v["bpb"]) for k, v in baselines.items()],
-                  key=lambda r: -r[1])
-    fig = Figure(figsize=(8, 0.35 * len(rows) + 1.2))
-    ax = fig.subplots()
-    colors = ["tab:red" if name == "this model" else "tab:gray" for name, _ in rows]
-    bars = ax.barh([name for name, _ in rows], [v for _, v in rows], color=colors)
-    ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
-    ax.set_xlabel("bits per byte on the held-out split (lower is better)")
-    ax.set_xlim(0, max(v for _, v in rows) * 1.15)
-    return _png(fig)
-
-
-def _fence(text: str) -> str:
-    return "```text\n" + text.replace("```", "'''") + "\n```"
-
-
-def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def split_note(ev: dict[str, Any]) -> str:
-    if ev["data"]["split"] == "test":
-        return ("**test** is the headline: no choice (checkpoint, early stop, recipe, sampling setting) has read it; "
-                "val chose them, so its figure is the selected model's own score.")
-    return ("On **val**, the split that chose the checkpoint (and, for the shipped recipes, the recipe): the "
-            "selected model's own score, not an unbiased estimate.")
-
-
-def side_by_side(splits: dict[str, dict]) -> list[tuple[str, ...]]:
-    """likelihood_rows of every split, as one row per measure."""
-    columns = [likelihood_rows(sp["likelihood"]) for sp in splits.values()]
-    return [(rows[0][0], *(r[1] for r in rows)) for rows in zip(*columns)]
-
-
-def likelihood_rows(lk: dict[str, float]) -> list[tuple[str, str]]:
-    return [("bits per byte (bpb)", f"{lk['bpb']:.4f}"), ("loss (nats/token)", f"{lk['loss']:.4f}"),
-            ("perplexity per token", f"{lk['ppl']:.3f}"), ("bits per character", f"{lk['bpc']:.4f}"),
-            ("perplexity per character", f"{lk['ppl_char']:.3f}"),
-            ("tokens / chars / bytes scored", f"{lk['tokens']:,} / {lk['chars']:,} / {lk['bytes']:,}")]
-
-
-def memo_rows(mem: dict[str, dict]) -> list[tuple[str, str, str]]:
-    g, r = mem["generated"], mem["reference"]
-    return [("char 30-grams found in train", f"{g['char30_share']:.1%}", f"{r['char30_share']:.1%}"),
-            ("char 30-grams found in train, count", f"{g['char30_found']:,}", f"{r['char30_found']:,}"),
-            ("word 8-grams found in train", f"{g['word8_share']:.1%}", f"{r['word8_share']:.1%}"),
-            ("longest verbatim span (chars), max", str(g["longest_span"]), str(r["longest_span"])),
-            ("longest verbatim span (chars), mean", f"{g['longest_span_mean']:.1f}", f"{r['longest_span_mean']:.1f}")]
-
-
-def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
-    b, g, r = st["book"], st["generated"], st["reference"]
-    gd, rd = st["generated_distance"], st["reference_distance"]
-    rows = [("word-length TVD to book", "0", f"{gd['word_len_tvd']:.3f}", f"{rd['word_len_tvd']:.3f}"),
-            ("sentence-length TVD to book", "0", f"{gd['sentence_len_tvd']:.3f}", f"{rd['sentence_len_tvd']:.3f}"),
-            ("punctuation-mix TVD to book", "0", f"{gd['punct_mix_tvd']:.3f}", f"{rd['punct_mix_tvd']:.3f}")]
-    for key, label, fmt in (("mean_word_len", "mean word length", "{:.2f}"),
-                            ("mean_sentence_len", "mean sentence length (words)", "{:.1f}"),
-                            ("quotes_per_kchar", "quote marks per 1000 chars", "{:.1f}"),
-                            ("dialogue_share", "share of text inside quotes", "{:.1%}"),
-                            ("unknown_word_share", "words not in the train text", "{:.2%}")):
-        rows.append((label, fmt.format(b[key]), fmt.format(g[key]), fmt.format(r[key])))
-    rows.append(("punctuation marks per 1000 chars", *(f"{sum(s['punct_per_kchar'].values()):.1f}" for s in (b, g, r))))
-    for n in ("1", "2", "3"):
-        rows.append((f"distinct-{n} (per sample)", "-", f"{g['distinct'][n]:.3f}", f"{r['distinct'][n]:.3f}"))
-    rows.append(("main names per 1000 words", *(f"{sum(s['names_per_kword'].values()):.1f}" for s in (b, g, r))))
-    return rows
-
-
-def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    rate, eb, cb = th["entities_per_kword"], th["entities_jsd_to_book"], th["content_jsd_to_book"]
-    rows = [("names and places per 1000 words", f"{rate['book']:.1f}", f"{rate['generated']:.1f}", f"{rate['reference']:.1f}"),
-            ("names/places: JSD to the book", "0", f"{eb['generated']:.3f}", f"{eb['reference']:.3f}"),
-            ("content words: JSD to the book", "0", f"{cb['generated']:.3f}", f"{cb['reference']:.3f}"),
-            ("names/places: JSD to real text", "-", f"{th['entities_jsd_to_real']:.3f}", "0"),
-            ("content words: JSD to real text", "-", f"{th['content_jsd_to_real']:.3f}", "0")]
-    for key, label in (("entities_per_prompt", "names/places"), ("content_per_prompt", "content words")):
-        pp = th[key]
-        if pp["own"] is not None and pp["shuffled"] is not None:
-            rows += [(f"{label}, own prompt's real", "-", f"{pp['own']:.3f}", "0"),
-                     (f"{label}, other prompt's real", "-", f"{pp['shuffled']:.3f}", "-")]
-    return rows
-
-
-def output_names(ckpt: str) -> dict[str, str]:
-    """The files an evaluation of checkpoint `ckpt` writes: best.pt's plain, the others' named after them."""
-    tag = "" if ckpt == "best" else f"_{ckpt}"
-    return {"json": f"eval{tag}.json", "report": f"report{tag}.md", "bpb_plot": f"bpb_baselines{tag}.png",
-            "curves": "loss_curves.png"}
-
-
-def dynamic_label(dyn: dict[str, Any]) -> str:
-    return (f"lr {dyn['lr']:g}" + (f", decay {dyn['decay']:g}" if dyn.get("decay") else "")
-            + (", rms" if dyn.get("method") == "rms" else ""))
-
-
-def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
-    names = output_names(ev["settings"]["ckpt"])
-    run, data, lk = ev["run"], ev["data"], ev["likelihood"]
-    md = [f"# Evaluation of `{run['out_dir']}`", "",
-          f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
-          f"{data['tokenizer']} tokenizer (vocab {data['vocab_size']}), `{data['data_dir']}` split "
-          f"**{data['split']}**. Context: block_size {ev['settings']['block_size']}, stride "
-          f"{ev['settings']['stride']} (every token scored once with at least "
-          f"{ev['settings']['block_size'] - ev['settings']['stride']} tokens of context), "
-          f"{ev['settings']['device']} / {ev['settings']['dtype']}.", "",
-          "## Held-out likelihood", "", split_note(ev), "",
-          _md_table(("measure", *ev["splits"]), side_by_side(ev["splits"])), ""]
-    if ev.get("dynamic"):
-        dyn = ev["dynamic"]
-        step = ("one step of the gradient divided by its RMS on train" if dyn.get("method") == "rms"
-                else "one SGD step") + (", pulled back towards the trained weights," if dyn.get("decay") else "")
-        md += [f"With dynamic evaluation ({step} after each window, on the tokens just scored; each token "
-               f"is still predicted before the model learns from it), the setting chosen on val "
-               f"({', '.join(f'{k}: {v:.4f}' if v is not None else f'{k}: diverged' for k, v in dyn['val_bpb_by_lr'].items())}"
-               f" bpb): {dynamic_label(dyn)}, "
-               f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
-               "figure above, which stays the headline.", ""]
-    if ev.get("baselines"):
-        first = ev["splits"][data["split"]]["baselines"]
-        rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in ev["splits"].values()))]
-        rows += [(baseline_label(k), *(f"{sp['baselines'][k]['bpb']:.4f}" for sp in ev["splits"].values()))
-                 for k in sorted(first, key=lambda k: first[k]["bpb"])]
-        md += ["## Baselines", "",
-               "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of each held-out split.", "",
-               _md_table(("model", *(f"bpb on {name}" for name in ev["splits"])), rows), "",
-               f"![bpb]({names['bpb_plot']})", ""]
-    ov = ev["curves"]
-    md += ["## Overfitting", ""]
-    if ov.get("evals"):
-        if ov["evals_after_best"]:
-            trend = (f"Val loss stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
-                     f"{ov['evals_after_best']} evaluation(s) followed, the last (step {ov['last_iter']}) at "
-                     f"{ov['last_val_loss']:.4f} ({ov['val_rise_after_best']:+.4f}).")
-        else:
-            trend = (f"Val loss was still improving at the last evaluation (step {ov['best_iter']}, "
-                     f"{ov['best_val_loss']:.4f}): no overfitting yet.")
-        md += [f"{trend} Val minus train loss: {ov['gap_at_best']:+.4f} at the best step, "
-               f"{ov['gap_at_last']:+.4f} at the last. (train.py's losses are means over random windows; "
-               "the full pass above is the precise figure.)", "", f"![loss curves]({names['curves']})", ""]
-    else:
-        md += ["No evaluations in metrics.jsonl.", ""]
-    if ev.get("samples"):
-        s = ev["settings"]
-        md += ["## Memorisation", "",
-               f"{len(ev['samples'])} prompts of {s['prompt_chars']} characters from the {data['split']} split, "
-               f"continued by {s['gen_tokens']} tokens (temperature {s['temperature']}, top_k {s['top_k']}, "
-               f"top_p {s['top_p']}, seed {s['seed']}), against the real continuation of the same length.", "",
-               _md_table(("measure", "generated", "real continuation"), memo_rows(ev["memorisation"])), "",
-               "Longest verbatim span in the generated text:", "",
-               _fence(ev["memorisation"]["generated"]["longest_span_text"]), "",
-               "## Style", "",
-               _md_table(("measure", "book (train)", "generated", "real continuation"), style_rows(ev["style"])), "",
-               "Names per 1000 words (book / generated / real): " + ", ".join(
-                   f"{n} {ev['style']['book']['names_per_kword'][n]:.1f}/{ev['style']['generated']['names_per_kword'][n]:.1f}/"
-                   f"{ev['style']['reference']['names_per_kword'][n]:.1f}" for n in NAMES), ""]
-        th = ev["style"]["themes"]
-        md += ["## Themes", "",
-               "Who and where the text names (the principal characters and places) and what it talks about (its "
-               "words without function words), as Jensen-Shannon divergences in bits (0 the same mix, 1 nothing in "
-               "common). Per prompt, each generated continuation is held against its own prompt's real continuation "
-               "and against another prompt's (a shuffled-prompt control; the mean JSD of each): closer to its own "
-               "means it follows its prompt.", "",
-               _md_table(("measure", "book (train)", "generated", "real continuation"), theme_rows(th)), "",
-               f"Most frequent content words, generated: {', '.join(th['top_content_words']['generated'])}; "
-               f"real: {', '.join(th['top_content_words']['reference'])}.", "",
-               "## Samples", ""]
-        for i, smp in enumerate(ev["samples"], start=1):
-            md += [f"### Sample {i}", "", "Prompt:", "", _fence(smp["prompt"]), "", "Generated:", "",
-                   _fence(smp["generated"]), "", "Real continuation:", "", _fence(smp["reference"]), ""]
-    md += ["## Timing", "", _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in ev["timings"].items()]), ""]
-    for name, png in plots.items():
-        atomic_write_bytes(out_dir / name, png)
-    atomic_write_bytes(out_dir / names["report"], "\n".join(md).encode("utf-8"))
-
-
-def print_summary(ev: dict[str, Any]) -> None:
-    lk, splits = ev["likelihood"], ev["splits"]
-    print(f"\n{ev['run']['out_dir']} ({ev['run']['checkpoint']}, step {ev['run']['iter_num']}): "
-          + " and ".join(f"{name} ({sp['likelihood']['tokens']:,} tokens)" for name, sp in splits.items()))
-    print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
-    for row in side_by_side(splits):
-        print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
-    if ev.get("dynamic"):
-        dyn = ev["dynamic"]
-        print(f"  {'bpb, dynamic evaluation (' + dynamic_label(dyn) + ')':<36} {dyn['bpb']:>16.4f}"
-              f"   (chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
-    if ev.get("baselines"):
-        print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
-        for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
-            verdict = "model better" if lk["bpb"] < v["bpb"] else "model worse"
-            print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
-    if ev.get("samples"):
-        print(f"{'memorisation':<38} {'generated':>10} {'real':>10}")
-        for row in memo_rows(ev["memorisation"]):
-            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10}")
-        print(f"{'style':<38} {'book':>10} {'generated':>10} {'real':>10}")
-        for row in style_rows(ev["style"]) + theme_rows(ev["style"]["themes"]):
-            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10} {row[3]:>10}")
-    ov = ev["curves"]
-    if ov.get("evals"):
-        print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
-              f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")
-    names = output_names(ev["settings"]["ckpt"])
-    print(f"wrote {ev['run']['out_dir']}/{names['json']} and {names['report']} in {ev['timings']['total']:.1f} s")
 
 
 # ============================================================================ main

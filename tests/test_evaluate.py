@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate as E
+import report
 from config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
@@ -144,7 +145,7 @@ def test_overfitting_summary_and_metrics_reader(tmp_path: Path) -> None:
     s = E.overfitting_summary(evals)
     assert (s["best_iter"], s["best_val_loss"], s["evals_after_best"], s["last_iter"]) == (200, 1.9, 2, 400)
     assert s["val_rise_after_best"] == pytest.approx(0.3) and s["gap_at_last"] == pytest.approx(1.2)
-    assert E.plot_curves(train_rows, evals, s).startswith(b"\x89PNG")
+    assert report.plot_curves(train_rows, evals, s).startswith(b"\x89PNG")
 
 
 def test_dynamic_evaluation_scores_before_it_learns() -> None:
