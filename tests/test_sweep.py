@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import sweep as S
+import sweep_results as R
 from config import UserError
 from conftest import ROOT, tiny_train_args
 
@@ -102,9 +103,9 @@ def test_plot_axes_are_the_variant_and_the_grid_keys(tmp_path: Path, base_toml: 
     assert [r.variant for r in sw.runs] == ["layer2_embd16", "layer2_embd16", "layer6", "layer6"]
     rows = [{"run": r.name, "status": "finished", "best_val_bpb": 2.0 + i, **r.swept} for i, r in enumerate(sw.runs)]
     rows[3]["status"] = "failed"
-    done, axes = S.plot_dimensions(rows, sw)
+    done, axes = R.plot_dimensions(rows, sw)
     assert len(done) == 3 and axes == ["variant", "learning_rate"]  # seed has one value: no axis
-    assert S.write_plot(tmp_path / "p.png", rows, sw) and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert R.write_plot(tmp_path / "p.png", rows, sw) and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unnamed_variants_are_named_by_their_values(tmp_path: Path) -> None:
