@@ -2,6 +2,9 @@
 a byte unigram, byte-level interpolated (and modified) Kneser-Ney n-grams of orders 2..8, and the
 compressors zlib, bz2 and xz given the train text first. A model that does not beat the 8-gram has not
 learned more than it. Results are cached per data folder and split (evaluate.py reads them).
+
+The Kneser-Ney code works on any alphabet: bytes, or a model's own tokens (evaluate.py --mix_ngram
+mixes the model with an n-gram over its tokens, symbol for symbol).
 """
 from __future__ import annotations
 
@@ -27,15 +30,29 @@ def unigram_bpb(train: bytes, heldout: bytes) -> float:
     return float(-logp[np.frombuffer(heldout, dtype=np.uint8)].sum() / len(heldout))
 
 
-def ngram_keys(data: np.ndarray, n: int) -> np.ndarray:
-    """Every n-gram of a byte array packed exactly into a uint64 (n <= 8), newest byte lowest.
+def symbol_bits(vocab_size: int) -> int:
+    """Bits one symbol of the alphabet takes in an n-gram key: 8 for bytes, 11 for a 2,048-token BPE."""
+    return max(1, (vocab_size - 1).bit_length())
 
-    key >> 8 is then the n-gram's context, key & (2**(8(n-1)) - 1) its suffix one byte shorter."""
+
+def max_order(vocab_size: int = 256) -> int:
+    """The longest n-gram whose symbols fit in 64 bits: 8 for bytes, 5 for a 2,048-token BPE."""
+    return 64 // symbol_bits(vocab_size)
+
+
+def as_symbols(seq: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(seq, dtype=np.uint8) if isinstance(seq, (bytes, bytearray)) else np.asarray(seq)
+
+
+def ngram_keys(data: np.ndarray, n: int, bits: int = 8) -> np.ndarray:
+    """Every n-gram of a symbol array packed exactly into a uint64 (n * bits <= 64), newest symbol lowest.
+
+    key >> bits is then the n-gram's context, key & (2**(bits(n-1)) - 1) its suffix one symbol shorter."""
     keys = np.zeros(max(len(data) - n + 1, 0), dtype=np.uint64)
     if len(keys) == 0:
         return keys
-    for j in range(n):  # byte j places back from the newest
-        keys |= data[n - 1 - j:len(data) - j].astype(np.uint64) << np.uint64(8 * j)
+    for j in range(n):  # symbol j places back from the newest
+        keys |= data[n - 1 - j:len(data) - j].astype(np.uint64) << np.uint64(bits * j)
     return keys
 
 
@@ -63,28 +80,32 @@ class KNLevel:
     context_total: np.ndarray
     context_backoff: np.ndarray
     discounts: np.ndarray
+    vocab_size: int
 
     @classmethod
-    def build(cls, keys: np.ndarray, counts: np.ndarray, modified: bool) -> "KNLevel":
+    def build(cls, keys: np.ndarray, counts: np.ndarray, modified: bool, vocab_size: int) -> "KNLevel":
         d = kn_discounts(counts, modified)
         # keys are sorted and the context is their high bits, so each context is one contiguous run
-        contexts, first = np.unique(keys >> np.uint64(8), return_index=True)
+        contexts, first = np.unique(keys >> np.uint64(symbol_bits(vocab_size)), return_index=True)
         return cls(keys, counts, contexts, np.add.reduceat(counts, first),
-                   np.add.reduceat(d[np.minimum(counts, 3)], first), d)
+                   np.add.reduceat(d[np.minimum(counts, 3)], first), d, vocab_size)
 
 
-def kn_levels(train: bytes, order: int, modified: bool = False) -> list[KNLevel]:
-    """Tables for orders 1..order. The top order counts n-grams; each lower order counts, for
-    each n-gram, how many distinct bytes precede it (Kneser-Ney's continuation counts), which
-    is why a word part seen in only one context gets little weight on its own."""
-    if not 1 <= order <= 8:
-        raise ValueError(f"n-gram order must be 1..8 (8 bytes fill a uint64), got {order}")
-    data = np.frombuffer(train, dtype=np.uint8)
-    levels = [KNLevel.build(*np.unique(ngram_keys(data, order), return_counts=True), modified)]
+def kn_levels(train: bytes | np.ndarray, order: int, modified: bool = False, vocab_size: int = 256) -> list[KNLevel]:
+    """Tables for orders 1..order over bytes, or over symbols 0..vocab_size-1. The top order counts
+    n-grams; each lower order counts, for each n-gram, how many distinct symbols precede it
+    (Kneser-Ney's continuation counts), which is why a word part seen in only one context gets
+    little weight on its own."""
+    bits = symbol_bits(vocab_size)
+    if not 1 <= order <= max_order(vocab_size):
+        raise ValueError(f"n-gram order must be 1..{max_order(vocab_size)} ({max_order(vocab_size)} symbols of "
+                         f"{bits} bits fill a uint64), got {order}")
+    data = as_symbols(train)
+    levels = [KNLevel.build(*np.unique(ngram_keys(data, order, bits), return_counts=True), modified, vocab_size)]
     for n in range(order - 1, 0, -1):
-        distinct_longer = levels[0].keys if n == order - 1 else np.unique(ngram_keys(data, n + 1))
-        suffixes = distinct_longer & np.uint64((1 << (8 * n)) - 1)
-        levels.insert(0, KNLevel.build(*np.unique(suffixes, return_counts=True), modified))
+        distinct_longer = levels[0].keys if n == order - 1 else np.unique(ngram_keys(data, n + 1, bits))
+        suffixes = distinct_longer & np.uint64((1 << (bits * n)) - 1)
+        levels.insert(0, KNLevel.build(*np.unique(suffixes, return_counts=True), modified, vocab_size))
     return levels
 
 
@@ -96,19 +117,20 @@ def find_sorted(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarra
     return i, sorted_keys[i] == queries
 
 
-def kn_probs(levels: list[KNLevel], heldout: bytes) -> np.ndarray:
-    """P(byte_i | up to order-1 previous bytes) for every byte of `heldout`, interpolated KN:
+def kn_probs(levels: list[KNLevel], heldout: bytes | np.ndarray) -> np.ndarray:
+    """P(symbol_i | up to order-1 previous symbols) for every symbol (byte) of `heldout`, interpolated KN:
 
         p_n(w | h) = (max(c(hw) - D(c(hw)), 0) + backoff(h) * p_{n-1}(w | h')) / c(h)
 
-    starting from the uniform 1/256; an unseen context h leaves p_{n-1} as it is. The first
-    bytes, with less context than the order, use the orders their context allows."""
-    data = np.frombuffer(heldout, dtype=np.uint8)
-    p = np.full(len(data), 1 / 256)
+    starting from the uniform 1/vocab_size; an unseen context h leaves p_{n-1} as it is. The first
+    symbols, with less context than the order, use the orders their context allows."""
+    data, vocab_size = as_symbols(heldout), levels[0].vocab_size
+    bits = symbol_bits(vocab_size)
+    p = np.full(len(data), 1 / vocab_size)
     for n, lv in enumerate(levels, start=1):
-        keys = ngram_keys(data, n)
+        keys = ngram_keys(data, n, bits)
         lower = p[n - 1:]
-        ci, seen_context = find_sorted(lv.contexts, keys >> np.uint64(8))
+        ci, seen_context = find_sorted(lv.contexts, keys >> np.uint64(bits))
         ki, seen = find_sorted(lv.keys, keys)
         c = np.where(seen, lv.counts[ki], 0)
         kept = np.maximum(c - lv.discounts[np.minimum(c, 3)], 0)

@@ -1,12 +1,15 @@
 """Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, themes, curves.
 
-    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest|ema] [--stride=N] [--dynamic_lr=LR]
+    python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest|ema] [--stride=N]
+                       [--dynamic_lr=LR] [--mix_ngram=ORDERS]
 
 1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
    perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
    of context except at the very start. Reported as nats/token, perplexity, bits per character and
    bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
-   --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads).
+   --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads), and
+   --mix_ngram the model mixed with a Kneser-Ney n-gram over its tokens. Both are reported beside the
+   static figure, which stays the headline, with every setting chosen on val.
 2. Baselines on the same split, fitted on the train split (baselines.py): a byte unigram, byte-level
    interpolated Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
 3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
@@ -27,13 +30,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines import cached_baselines
+from baselines import cached_baselines, kn_levels, kn_probs, max_order
 from checkpoint import data_difference, load_for_inference
 from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
@@ -57,6 +60,9 @@ class EvalConfig:
                                      "its RMS over training batches)")
     dynamic_decay: str = opt("0", "dynamic evaluation: pull the weights back towards the trained ones at these rates "
                                   "per window, comma-separated (tried with every learning rate; 0 = no pull)")
+    mix_ngram: str = opt("0", "mix the model with a Kneser-Ney n-gram over its own tokens (fitted on train) of these "
+                              "orders, comma-separated: each order's weight is fitted on val, the best order is "
+                              "scored on the headline split (0 = off)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy machine)")
@@ -92,15 +98,13 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     return windows
 
 
-@torch.inference_mode()
-def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
-                batch_size: int = 16, device: str = "cpu", dtype: str = "float32") -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of tokens[1:] under `model`, and how many tokens that is.
-
-    Windows are batched; the loss is computed in float32 from the logits even under autocast."""
+def strided_batches(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
+                    batch_size: int, device: str, dtype: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of windows: the nll (nats, float32 from the logits even under autocast) of the last m
+    predictions of each row, shape (rows, m), and a mask of those that count (the last n_scored of each
+    row). Read row by row, the counted entries are the targets 1..len(tokens)-1 in order."""
     tokens = np.asarray(tokens, dtype=np.int64)
     windows = strided_windows(len(tokens), block_size, stride)
-    sums = []  # one float32 sum per batch, left on the device: nothing waits for the GPU until the end
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         # every window is a full block except when the whole text is shorter than one
@@ -112,10 +116,27 @@ def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
         m = max(n for _, _, n in batch)  # only the last m positions of any row are scored
         nll = F.cross_entropy(logits[:, -m:].float().flatten(0, 1), y[:, -m:].reshape(-1), reduction="none")
         first = torch.tensor([m - n for _, _, n in batch], device=device)
-        scored = torch.arange(m, device=device)[None, :] >= first[:, None]  # the last n of each row
-        # a mask, not nll[scored]: boolean indexing waits for the GPU to count the selected elements
-        sums.append(torch.where(scored, nll.view(len(batch), m), 0.0).sum())
-    return host_sum(sums), sum(n for _, _, n in windows)
+        yield nll.view(len(batch), m), torch.arange(m, device=device)[None, :] >= first[:, None]
+
+
+@torch.inference_mode()
+def strided_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
+                batch_size: int = 16, device: str = "cpu", dtype: str = "float32") -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of tokens[1:] under `model`, and how many tokens that is."""
+    # one float32 sum per batch, left on the device: nothing waits for the GPU until the end; a mask, not
+    # nll[scored]: boolean indexing waits for the GPU to count the selected elements
+    sums = [torch.where(scored, nll, 0.0).sum()
+            for nll, scored in strided_batches(model, tokens, block_size, stride, batch_size, device, dtype)]
+    return host_sum(sums), max(len(tokens) - 1, 0)
+
+
+@torch.inference_mode()
+def strided_token_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
+                      batch_size: int = 16, device: str = "cpu", dtype: str = "float32") -> np.ndarray:
+    """strided_nll's pass, one nll (nats) per token of tokens[1:] (for mixing with another model)."""
+    parts = [nll.cpu().numpy()[scored.cpu().numpy()]
+             for nll, scored in strided_batches(model, tokens, block_size, stride, batch_size, device, dtype)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 
 def host_sum(parts: list[torch.Tensor]) -> float:
@@ -299,18 +320,24 @@ def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_t
 
 
 def score(model: torch.nn.Module, tok: Any, tokens: np.ndarray, name: str, block_size: int, stride: int,
-          cfg: EvalConfig, device: str, dtype: str, timings: dict[str, float], log: Callable[[str], None]) -> dict:
-    """The likelihood figures of one split's full pass."""
+          cfg: EvalConfig, device: str, dtype: str, timings: dict[str, float],
+          log: Callable[[str], None]) -> tuple[dict, np.ndarray | None]:
+    """The likelihood figures of one split's full pass, and each token's nll when an n-gram mixture needs them."""
     if len(tokens) < 2:
         raise UserError(f"the {name} split has fewer than 2 tokens; nothing to evaluate")
     log(f"scoring {len(tokens):,} {name} tokens (block {block_size}, stride {stride}, {device}/{dtype})...")
     t0 = time.perf_counter()
-    total, n = strided_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
+    token_nll = None
+    if parse_orders(cfg.mix_ngram):
+        token_nll = strided_token_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
+        total, n = math.fsum(token_nll), len(token_nll)
+    else:
+        total, n = strided_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
     timings[f"likelihood on {name}"] = time.perf_counter() - t0
     text = tok.decode_bytes(tokens[1:])  # the first token is context only
     lk = likelihood_figures(total, n, len(text), len(text.decode("utf-8", errors="replace")))
     log(f"  {lk['bpb']:.4f} bpb, loss {lk['loss']:.4f} in {timings[f'likelihood on {name}']:.1f} s")
-    return lk
+    return lk, token_nll
 
 
 def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str, np.ndarray],
@@ -349,6 +376,69 @@ def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str
             "val_bpb_by_lr": {k: r["bpb"] if math.isfinite(r["bpb"]) else None for k, r in on_val.items()}}
 
 
+def mixture_weight(p_model: np.ndarray, p_ngram: np.ndarray, steps: int = 1000) -> float:
+    """The weight w of w * p_model + (1 - w) * p_ngram that gives these targets the highest likelihood,
+    by EM (the log-likelihood is concave in w, so EM climbs to its maximum)."""
+    w = 0.5
+    for _ in range(steps):
+        new = float(np.mean(w * p_model / (w * p_model + (1 - w) * p_ngram)))
+        if abs(new - w) < 1e-7:
+            return new
+        w = new
+    return w
+
+
+def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dict[str, np.ndarray],
+                  train_tokens: np.ndarray, vocab_size: int, scored: dict, timings: dict[str, float],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """The model mixed token by token with a modified Kneser-Ney n-gram over its own tokens, fitted on train:
+    p = w * p_model + (1 - w) * p_ngram. Each order's weight is fitted on val and the order with the best val
+    bpb is scored on the headline split with that weight; the n-gram alone is reported beside it."""
+    orders = parse_orders(cfg.mix_ngram, vocab_size)
+    if not orders:
+        return {}
+    p_model = {name: np.exp(-nll) for name, nll in token_nll.items()}
+
+    def figures(name: str, p: np.ndarray) -> dict[str, float]:
+        lk = scored[name]["likelihood"]
+        return likelihood_figures(-float(np.log(p).sum()), len(p), lk["bytes"], lk["chars"])
+
+    def ngram_probs(order: int, name: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        p = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size), tokens[name])[1:]
+        timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
+        return p
+
+    on_val = {}
+    for order in orders:
+        p_ngram = ngram_probs(order, "val")
+        w = mixture_weight(p_model["val"], p_ngram)
+        on_val[order] = {"weight": w, "bpb": figures("val", w * p_model["val"] + (1 - w) * p_ngram)["bpb"],
+                         "ngram_bpb": figures("val", p_ngram)["bpb"]}
+        log(f"mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} bpb "
+            f"(the n-gram alone {on_val[order]['ngram_bpb']:.4f})")
+    order = min(on_val, key=lambda o: on_val[o]["bpb"])
+    w = on_val[order]["weight"]
+    p_ngram = ngram_probs(order, cfg.split)  # (for --split=val, the val figures once more)
+    out = figures(cfg.split, w * p_model[cfg.split] + (1 - w) * p_ngram)
+    ngram_alone = figures(cfg.split, p_ngram)["bpb"]
+    log(f"  on {cfg.split}: {out['bpb']:.4f} bpb (the {order}-gram alone {ngram_alone:.4f})")
+    return {**out, "order": order, "weight": w, "ngram_bpb": ngram_alone, "chosen_on": "val",
+            "val_bpb_by_order": {str(o): r["bpb"] for o, r in on_val.items()}}
+
+
+def parse_orders(text: str, vocab_size: int = 256) -> list[int]:
+    """mix_ngram's comma-separated n-gram orders (0 = off), each within what the vocabulary allows."""
+    try:
+        orders = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad value for 'mix_ngram': {text!r}; use n-gram orders such as 3 or 2,3,4 (0 = off)") from None
+    if any(o < 0 or o > max_order(vocab_size) for o in orders):
+        raise UserError(f"mix_ngram orders must be 1..{max_order(vocab_size)} for a vocabulary of {vocab_size} "
+                        f"(the n-grams are packed into 64 bits), got {text}")
+    return [o for o in orders if o > 0]
+
+
 def parse_lrs(text: str, key: str = "dynamic_lr", keep_zero: bool = False) -> list[float]:
     """A comma-separated list of rates (dynamic_lr, dynamic_decay); zeros dropped unless keep_zero."""
     try:
@@ -367,6 +457,7 @@ def check_settings(cfg: EvalConfig) -> None:
         raise UserError("batch_size must be >= 1 and stride >= 0")
     parse_lrs(cfg.dynamic_lr)
     parse_lrs(cfg.dynamic_decay, "dynamic_decay")
+    parse_orders(cfg.mix_ngram, 2)  # the form; the model's vocabulary bounds the orders once it is loaded
     if cfg.dynamic_method not in ("sgd", "rms"):
         raise UserError(f"bad value for 'dynamic_method': {cfg.dynamic_method!r}; use sgd or rms")
     if not 1 <= cfg.ngram_order <= 8:
@@ -410,10 +501,11 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     tokens = {name: read_split(data_dir, name, meta) for name in names}
     texts = {name: tok.decode(t) for name, t in tokens.items()}  # decoding the bins gives the split texts
     train_text = tok.decode(read_split(data_dir, "train", meta))
-    scored = {}
+    parse_orders(cfg.mix_ngram, tok.vocab_size)
+    scored, token_nll = {}, {}
     for name in names:
-        scored[name] = {"likelihood": score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype,
-                                            timings, log)}
+        lk, token_nll[name] = score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype, timings, log)
+        scored[name] = {"likelihood": lk}
         if cfg.baselines:
             t0 = time.perf_counter()
             log(f"baselines on {name}:")
@@ -426,6 +518,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     lk, baselines = scored[cfg.split]["likelihood"], scored[cfg.split].get("baselines", {})
     dynamic = dynamic_evaluation(cfg, model, tokens, read_split(data_dir, "train", meta) if cfg.dynamic_method == "rms"
                                  else None, scored, block_size, stride, device, dtype, timings, log)
+    mixture = ngram_mixture(cfg, token_nll, tokens, read_split(data_dir, "train", meta), tok.vocab_size, scored,
+                            timings, log)
     tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style
@@ -448,7 +542,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
                  "split_tokens": len(tokens), "split_bytes": len(split_text.encode("utf-8")),
                  "split_chars": len(split_text), "sha256_clean": meta.get("sha256_clean")},
         "settings": {**config_dict(cfg), "stride": stride, "block_size": block_size, "device": device, "dtype": dtype},
-        "likelihood": lk, "dynamic": dynamic, "baselines": baselines, "splits": scored, "memorisation": mem,
+        "likelihood": lk, "dynamic": dynamic, "mixture": mixture, "baselines": baselines, "splits": scored, "memorisation": mem,
         "style": style,
         "curves": curves,
         "samples": samples, "timings": timings,

@@ -142,6 +142,10 @@ def dynamic_label(dyn: dict[str, Any]) -> str:
             + (", rms" if dyn.get("method") == "rms" else ""))
 
 
+def mixture_label(mix: dict[str, Any]) -> str:
+    return f"order {mix['order']}, model weight {mix['weight']:.3f}"
+
+
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
     names = output_names(ev["settings"]["ckpt"])
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
@@ -164,6 +168,14 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                f" bpb): {dynamic_label(dyn)}, "
                f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
                "figure above, which stays the headline.", ""]
+    if ev.get("mixture"):
+        mix = ev["mixture"]
+        md += [f"Mixed token by token with a modified Kneser-Ney n-gram over the model's own tokens, fitted on train "
+               f"(p = w p_model + (1 - w) p_ngram; weight and order fitted on val: "
+               f"{', '.join(f'order {k}: {v:.4f}' for k, v in mix['val_bpb_by_order'].items())} bpb): "
+               f"{mixture_label(mix)}, **{mix['bpb']:.4f} bpb** on {data['split']}, {mix['bpb'] - lk['bpb']:+.4f} "
+               f"against the static figure above, which stays the headline (the n-gram alone: {mix['ngram_bpb']:.4f}).",
+               ""]
     if ev.get("baselines"):
         first = ev["splits"][data["split"]]["baselines"]
         rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in ev["splits"].values()))]
@@ -233,6 +245,10 @@ def print_summary(ev: dict[str, Any]) -> None:
         dyn = ev["dynamic"]
         print(f"  {'bpb, dynamic evaluation (' + dynamic_label(dyn) + ')':<36} {dyn['bpb']:>16.4f}"
               f"   (chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
+    if ev.get("mixture"):
+        mix = ev["mixture"]
+        print(f"  {'bpb, mixed with an n-gram (' + mixture_label(mix) + ')':<36} {mix['bpb']:>16.4f}"
+              f"   (chosen on val: {', '.join(f'order {k} {v:.4f}' for k, v in mix['val_bpb_by_order'].items())})")
     if ev.get("baselines"):
         print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
         for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):

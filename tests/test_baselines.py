@@ -40,6 +40,28 @@ def test_kneser_ney_is_a_distribution(order: int, modified: bool) -> None:
         assert sum(probs) == pytest.approx(1.0) and min(probs) > 0
 
 
+@pytest.mark.parametrize("vocab, order", [(2, 7), (11, 5), (2048, 5), (3000, 3)])
+def test_kneser_ney_over_tokens_is_a_distribution(vocab: int, order: int) -> None:
+    rng = np.random.default_rng(vocab)
+    train = np.concatenate([np.tile(rng.integers(0, vocab, 12), 30), rng.integers(0, vocab, 200)])
+    levels = B.kn_levels(train, order, modified=True, vocab_size=vocab)
+    for context in (train[:order], rng.integers(0, vocab, order), train[5:7]):
+        probs = [B.kn_probs(levels, np.append(context, w))[-1] for w in range(vocab)]
+        assert sum(probs) == pytest.approx(1.0) and min(probs) > 0
+    # the seen sequence is predicted far better than uniform
+    assert -np.log2(B.kn_probs(levels, train[:60])).mean() < 0.5 * math.log2(vocab)
+
+
+def test_token_and_byte_kneser_ney_agree_on_bytes() -> None:
+    train, held = b"the cat sat on the mat; the cat ate the rat. " * 3, b"the rat sat on the cat"
+    as_ids = lambda b: np.frombuffer(b, dtype=np.uint8).astype(np.int64)  # noqa: E731
+    np.testing.assert_allclose(B.kn_probs(B.kn_levels(as_ids(train), 5, True, vocab_size=256), as_ids(held)),
+                               B.kn_probs(B.kn_levels(train, 5, True), held))
+    assert B.max_order(256) == 8 and B.max_order(2048) == 5 and B.max_order(104) == 9
+    with pytest.raises(ValueError, match=r"must be 1..5"):
+        B.kn_levels(as_ids(train), 6, vocab_size=2048)
+
+
 def test_higher_order_helps_on_repetitive_text() -> None:
     train = b"Pierre went to see Natasha. " * 20
     held = b"Pierre went to see Natasha. "

@@ -67,6 +67,33 @@ def test_strided_equals_naive_per_window(n: int, stride: int, batch: int) -> Non
     assert total == pytest.approx(naive, rel=1e-5)
 
 
+@pytest.mark.parametrize("n, stride, batch", [(100, 5, 3), (57, 1, 64), (10, 8, 2), (2, 4, 1)])
+def test_per_token_nll_is_the_same_pass_token_by_token(n: int, stride: int, batch: int) -> None:
+    model, block = tiny_gpt(), 16
+    tokens = np.random.default_rng(n).integers(0, 11, size=n)
+    per_token = E.strided_token_nll(model, tokens, block, stride, batch_size=batch)
+    assert per_token.shape == (n - 1,) and per_token.sum() == pytest.approx(E.strided_nll(model, tokens, block, stride)[0],
+                                                                            rel=1e-5)
+    with torch.no_grad():  # token j's nll, from the window that scores it
+        for start, end, n_scored in E.strided_windows(n, block, stride):
+            logits, _ = model(torch.tensor(tokens[None, start:end]))
+            target = torch.tensor(tokens[end - n_scored + 1:end + 1])
+            expected = F.cross_entropy(logits[0, -n_scored:], target, reduction="none").numpy()
+            np.testing.assert_allclose(per_token[end - n_scored:end], expected, rtol=1e-5)
+
+
+def test_mixture_weight_is_the_best_weight() -> None:
+    rng = np.random.default_rng(0)
+    p_model, p_ngram = rng.uniform(0.01, 1, 5000), rng.uniform(0.01, 1, 5000)
+    w = E.mixture_weight(p_model, p_ngram)
+    loglik = lambda v: np.log(v * p_model + (1 - v) * p_ngram).sum()  # noqa: E731
+    grid = np.linspace(0, 1, 1001)
+    assert 0 < w < 1 and loglik(w) >= max(loglik(v) for v in grid) - 1e-6
+    # a model that is always better gets all the weight; one always worse almost none
+    assert E.mixture_weight(np.full(100, 0.9), np.full(100, 0.1)) > 0.99
+    assert E.mixture_weight(np.full(100, 0.1), np.full(100, 0.9)) < 0.01
+
+
 def test_stride_one_is_full_context_and_context_matters() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(1).integers(0, 11, size=60)
@@ -273,7 +300,26 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     again = E.main(args + ["--num_prompts=0"])
     assert any(k.endswith("(cached)") for k in again["timings"])
     assert again["baselines"] == ev["baselines"] and again["likelihood"] == pytest.approx(ev["likelihood"])
-    assert ev["dynamic"] == {}  # off unless asked for
+    assert ev["dynamic"] == {} and ev["mixture"] == {}  # off unless asked for
+
+
+def test_ngram_mixture_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    run, _ = tiny_eval_run
+    ev = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32", "--mix_ngram=1,3,6"])
+    mix, lk = ev["mixture"], ev["likelihood"]
+    # each order's weight fitted on val, the order with the best val bpb scored on test with that weight
+    by_order = mix["val_bpb_by_order"]
+    assert set(by_order) == {"1", "3", "6"} and mix["chosen_on"] == "val"
+    assert str(mix["order"]) == min(by_order, key=by_order.get) and 0 <= mix["weight"] <= 1
+    assert mix["tokens"] == lk["tokens"] and mix["bytes"] == lk["bytes"]  # the figures are test's
+    # the fitted weight does no worse on val than the model alone (w = 1)
+    assert by_order[str(mix["order"])] <= ev["splits"]["val"]["likelihood"]["bpb"] + 1e-9
+    out = capsys.readouterr().out
+    assert f"bpb, mixed with an n-gram (order {mix['order']}, model weight {mix['weight']:.3f})" in out
+    assert f"**{mix['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
+    # the per-token pass gives the static figures of the plain pass
+    plain = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32"])
+    assert lk == pytest.approx(plain["likelihood"], rel=1e-6)
 
 
 def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
@@ -329,6 +375,8 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
                                        ("--dynamic_lr=-1", "dynamic_lr must be >= 0"),
                                        ("--dynamic_decay=x", "bad value for 'dynamic_decay'"),
                                        ("--dynamic_method=adam", "use sgd or rms"),
+                                       ("--mix_ngram=x", "use n-gram orders such as"),
+                                       ("--mix_ngram=12", r"orders must be 1..\d+ for a vocabulary of"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run
