@@ -145,10 +145,10 @@ def host_sum(parts: list[torch.Tensor]) -> float:
     return math.fsum(torch.stack(parts).cpu().tolist()) if parts else 0.0
 
 
-def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
-                lr: float, device: str = "cpu", dtype: str = "float32", decay: float = 0.0,
-                grad_rms: list[torch.Tensor] | None = None) -> tuple[float, int]:
-    """strided_nll's total with dynamic evaluation (Krause et al., 2018): the windows are read in
+def dynamic_token_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
+                      lr: float, device: str = "cpu", dtype: str = "float32", decay: float = 0.0,
+                      grad_rms: list[torch.Tensor] | None = None) -> np.ndarray:
+    """strided_token_nll with dynamic evaluation (Krause et al., 2018): the windows are read in
     order, one at a time, and after scoring a window the model takes one step on the tokens it
     just scored. Every token is still predicted before the model learns from it (a prequential
     code, as bz2 and xz adapt while they read), so this is a fair held-out figure, but of a model
@@ -175,14 +175,14 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
         scale, pull = [None] * len(params), [min(decay, 1.0)] * len(params)
     tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     windows = strided_windows(len(tokens_t), block_size, stride)
-    sums = []
+    parts = []
     for start, end, n in windows:
         xy = tokens_t[start:end + 1][None]
         with autocast(device, dtype):
             logits, _ = model(xy[:, :-1])
-        nll = F.cross_entropy(logits[0, -n:].float(), xy[0, -n:], reduction="sum")
-        sums.append(nll.detach())
-        (nll / n).backward()
+        nll = F.cross_entropy(logits[0, -n:].float(), xy[0, -n:], reduction="none")
+        parts.append(nll.detach())
+        (nll.sum() / n).backward()
         with torch.no_grad():
             for i, p in enumerate(params):
                 step = -lr * (p.grad if scale[i] is None else p.grad * scale[i])
@@ -190,7 +190,8 @@ def dynamic_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], bloc
                     step += pull[i] * (trained[i] - p)
                 p.add_(step)
                 p.grad = None
-    return host_sum(sums), sum(n for _, _, n in windows)
+    # float64 on the host (MPS has none)
+    return torch.cat(parts).cpu().numpy().astype(np.float64) if parts else np.zeros(0)
 
 
 def train_gradient_rms(model: torch.nn.Module, tokens: np.ndarray, block_size: int, device: str = "cpu",
@@ -343,12 +344,13 @@ def score(model: torch.nn.Module, tok: Any, tokens: np.ndarray, name: str, block
 def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str, np.ndarray],
                        train_tokens: np.ndarray | None, scored: dict,
                        block_size: int, stride: int, device: str, dtype: str, timings: dict[str, float],
-                       log: Callable[[str], None]) -> dict[str, Any]:
+                       log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Dynamic evaluation at each learning rate on val; the best rate, on the headline split too.
-    Returns the headline split's figures with the rate, where it was chosen and every rate's val bpb."""
+    Returns the headline split's figures with the rate, where it was chosen and every rate's val bpb,
+    and the chosen setting's nll per token on val and the headline split (for an n-gram mixture)."""
     lrs = parse_lrs(cfg.dynamic_lr)
     if not lrs:
-        return {}
+        return {}, {}
     decays = parse_lrs(cfg.dynamic_decay, "dynamic_decay", keep_zero=True) or [0.0]
     grad_rms = None
     if cfg.dynamic_method == "rms":
@@ -359,21 +361,23 @@ def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str
     def label(lr: float, decay: float) -> str:
         return format(lr, "g") + (f", decay {decay:g}" if decay else "")
 
-    def run(name: str, lr: float, decay: float) -> dict[str, float]:
+    def run(name: str, lr: float, decay: float) -> tuple[dict[str, float], np.ndarray]:
         log(f"dynamic evaluation on {name} ({cfg.dynamic_method}, lr {label(lr, decay)})...")
         t0 = time.perf_counter()
-        total, n = dynamic_nll(model, tokens[name], block_size, stride, lr, device, dtype, decay, grad_rms)
+        nll = dynamic_token_nll(model, tokens[name], block_size, stride, lr, device, dtype, decay, grad_rms)
         timings[f"dynamic evaluation on {name}, lr {label(lr, decay)}"] = time.perf_counter() - t0
         lk = scored[name]["likelihood"]
-        out = {"lr": lr, "decay": decay, **likelihood_figures(total, n, lk["bytes"], lk["chars"])}
+        out = {"lr": lr, "decay": decay, **likelihood_figures(math.fsum(nll), len(nll), lk["bytes"], lk["chars"])}
         log(f"  {out['bpb']:.4f} bpb, loss {out['loss']:.4f}")
-        return out
+        return out, nll
 
     on_val = {label(lr, d): run("val", lr, d) for lr in lrs for d in decays}
-    best = min(on_val.values(), key=lambda r: r["bpb"] if math.isfinite(r["bpb"]) else math.inf)  # a rate can diverge
-    headline = best if cfg.split == "val" else run(cfg.split, best["lr"], best["decay"])
-    return {**headline, "method": cfg.dynamic_method, "chosen_on": "val",
-            "val_bpb_by_lr": {k: r["bpb"] if math.isfinite(r["bpb"]) else None for k, r in on_val.items()}}
+    # a rate can diverge
+    best, best_nll = min(on_val.values(), key=lambda r: r[0]["bpb"] if math.isfinite(r[0]["bpb"]) else math.inf)
+    headline, headline_nll = (best, best_nll) if cfg.split == "val" else run(cfg.split, best["lr"], best["decay"])
+    return ({**headline, "method": cfg.dynamic_method, "chosen_on": "val",
+             "val_bpb_by_lr": {k: r["bpb"] if math.isfinite(r["bpb"]) else None for k, (r, _) in on_val.items()}},
+            {"val": best_nll, cfg.split: headline_nll})
 
 
 def mixture_weight(p_model: np.ndarray, p_ngram: np.ndarray, steps: int = 1000) -> float:
@@ -390,7 +394,7 @@ def mixture_weight(p_model: np.ndarray, p_ngram: np.ndarray, steps: int = 1000) 
 
 def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dict[str, np.ndarray],
                   train_tokens: np.ndarray, vocab_size: int, scored: dict, timings: dict[str, float],
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], of: str = "the model") -> dict[str, Any]:
     """The model mixed token by token with a modified Kneser-Ney n-gram over its own tokens, fitted on train:
     p = w * p_model + (1 - w) * p_ngram. Each order's weight is fitted on val and the order with the best val
     bpb is scored on the headline split with that weight; the n-gram alone is reported beside it."""
@@ -406,7 +410,7 @@ def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dic
     def ngram_probs(order: int, name: str) -> np.ndarray:
         t0 = time.perf_counter()
         p = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size), tokens[name])[1:]
-        timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
+        timings[f"n-gram of order {order} on {name}, mixed with {of}"] = time.perf_counter() - t0
         return p
 
     on_val = {}
@@ -415,7 +419,7 @@ def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dic
         w = mixture_weight(p_model["val"], p_ngram)
         on_val[order] = {"weight": w, "bpb": figures("val", w * p_model["val"] + (1 - w) * p_ngram)["bpb"],
                          "ngram_bpb": figures("val", p_ngram)["bpb"]}
-        log(f"mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} bpb "
+        log(f"{of} mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} bpb "
             f"(the n-gram alone {on_val[order]['ngram_bpb']:.4f})")
     order = min(on_val, key=lambda o: on_val[o]["bpb"])
     w = on_val[order]["weight"]
@@ -500,7 +504,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     names = [cfg.split] + (["val"] if cfg.split == "test" else [])
     tokens = {name: read_split(data_dir, name, meta) for name in names}
     texts = {name: tok.decode(t) for name, t in tokens.items()}  # decoding the bins gives the split texts
-    train_text = tok.decode(read_split(data_dir, "train", meta))
+    train_tokens = read_split(data_dir, "train", meta)
+    train_text = tok.decode(train_tokens)
     parse_orders(cfg.mix_ngram, tok.vocab_size)
     scored, token_nll = {}, {}
     for name in names:
@@ -516,10 +521,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
             timings[f"baselines on {name}" + (" (cached)" if cached else "")] = time.perf_counter() - t0
             scored[name]["baselines"] = base
     lk, baselines = scored[cfg.split]["likelihood"], scored[cfg.split].get("baselines", {})
-    dynamic = dynamic_evaluation(cfg, model, tokens, read_split(data_dir, "train", meta) if cfg.dynamic_method == "rms"
-                                 else None, scored, block_size, stride, device, dtype, timings, log)
-    mixture = ngram_mixture(cfg, token_nll, tokens, read_split(data_dir, "train", meta), tok.vocab_size, scored,
-                            timings, log)
+    dynamic, dynamic_nll = dynamic_evaluation(cfg, model, tokens, train_tokens, scored, block_size, stride, device,
+                                              dtype, timings, log)
+    mixture = ngram_mixture(cfg, token_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log)
+    if dynamic and mixture:  # the two together: dynamic evaluation's probabilities mixed with the n-gram
+        dynamic["mixture"] = ngram_mixture(cfg, dynamic_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log,
+                                           of="dynamic evaluation")
     tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style

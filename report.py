@@ -167,7 +167,9 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                f"({', '.join(f'{k}: {v:.4f}' if v is not None else f'{k}: diverged' for k, v in dyn['val_bpb_by_lr'].items())}"
                f" bpb): {dynamic_label(dyn)}, "
                f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
-               "figure above, which stays the headline.", ""]
+               "figure above, which stays the headline." + (
+                   f" Mixed with an n-gram as below ({mixture_label(dyn['mixture'])}, fitted on val the same way): "
+                   f"**{dyn['mixture']['bpb']:.4f} bpb**." if dyn.get("mixture") else ""), ""]
     if ev.get("mixture"):
         mix = ev["mixture"]
         md += [f"Mixed token by token with a modified Kneser-Ney n-gram over the model's own tokens, fitted on train "
@@ -245,6 +247,9 @@ def print_summary(ev: dict[str, Any]) -> None:
         dyn = ev["dynamic"]
         print(f"  {'bpb, dynamic evaluation (' + dynamic_label(dyn) + ')':<36} {dyn['bpb']:>16.4f}"
               f"   (chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
+        if dyn.get("mixture"):
+            print(f"  {'bpb, dynamic evaluation and n-gram (' + mixture_label(dyn['mixture']) + ')':<36} "
+                  f"{dyn['mixture']['bpb']:>16.4f}")
     if ev.get("mixture"):
         mix = ev["mixture"]
         print(f"  {'bpb, mixed with an n-gram (' + mixture_label(mix) + ')':<36} {mix['bpb']:>16.4f}"

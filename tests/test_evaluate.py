@@ -180,12 +180,14 @@ def test_dynamic_evaluation_scores_before_it_learns() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = np.random.default_rng(3).integers(0, 11, size=100)
     static, n = E.strided_nll(model, tokens, block, 8)
-    assert E.dynamic_nll(model, tokens, block, 8, lr=0.0) == pytest.approx((static, n), rel=1e-5)
+    per_token = E.dynamic_token_nll(model, tokens, block, 8, lr=0.0)
+    assert len(per_token) == n and per_token.sum() == pytest.approx(static, rel=1e-5)
+    np.testing.assert_allclose(per_token, E.strided_token_nll(model, tokens, block, 8), rtol=1e-5)
     # one window: its tokens are scored before the only SGD step, so any learning rate gives the static score
     one = tokens[:block + 1]
-    assert E.dynamic_nll(model, one, block, 8, lr=10.0)[0] == pytest.approx(E.strided_nll(model, one, block, 8)[0],
+    assert E.dynamic_token_nll(model, one, block, 8, lr=10.0).sum() == pytest.approx(E.strided_nll(model, one, block, 8)[0],
                                                                            rel=1e-5)
-    assert E.dynamic_nll(model, tokens, block, 8, lr=0.5)[0] != pytest.approx(static, rel=1e-3)
+    assert E.dynamic_token_nll(model, tokens, block, 8, lr=0.5).sum() != pytest.approx(static, rel=1e-3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # it worked on a copy
 
 
@@ -193,10 +195,10 @@ def test_dynamic_evaluation_adapts_to_the_text_it_reads() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.tile(np.random.default_rng(4).integers(0, 11, size=7), 40)  # one phrase, over and over
     static, n = E.strided_nll(model, tokens, block, 8)
-    dynamic, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3)
+    dynamic = E.dynamic_token_nll(model, tokens, block, 8, lr=0.3).sum()
     assert dynamic < 0.6 * static  # (here about half)
     # pulled all the way back to the trained weights after every step, it keeps only the last step's learning
-    pulled, _ = E.dynamic_nll(model, tokens, block, 8, lr=0.3, decay=1.0)
+    pulled = E.dynamic_token_nll(model, tokens, block, 8, lr=0.3, decay=1.0).sum()
     assert dynamic < pulled < static
 
 
@@ -207,13 +209,13 @@ def test_krause_steps_divide_by_the_training_gradients_rms() -> None:
     assert [r.shape for r in rms] == [p.shape for p in model.parameters()] and all((r >= 0).all() for r in rms)
     assert all(torch.equal(a, b) for a, b in zip(rms, E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)))
     ones = [torch.full_like(r, 1 / 1.1) for r in rms]  # an RMS of 1/1.1 everywhere (plus its floor, 0.1/1.1) is SGD
-    assert E.dynamic_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones)[0] == \
-        pytest.approx(E.dynamic_nll(model, tokens, block, 8, lr=0.2)[0], rel=1e-5)
+    assert E.dynamic_token_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones).sum() == \
+        pytest.approx(E.dynamic_token_nll(model, tokens, block, 8, lr=0.2).sum(), rel=1e-5)
     # a weight the training batches never moved (rms 0) takes a bounded step, not an infinite one
     zeros = [torch.zeros_like(r) for r in rms]
-    assert math.isfinite(E.dynamic_nll(model, tokens, block, 8, lr=1e-3, grad_rms=zeros)[0])
+    assert math.isfinite(E.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=zeros).sum())
     assert E.likelihood_figures(1e6, 10, 10, 10)["ppl"] == math.inf  # a diverged pass is reported, not a crash
-    assert E.dynamic_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1)[0] != \
+    assert E.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1).sum() != \
         pytest.approx(E.strided_nll(model, tokens, block, 8)[0], rel=1e-4)
 
 
@@ -243,7 +245,7 @@ def test_likelihood_needs_no_float64_on_the_device_and_waits_for_it_once() -> No
     assert torch.float64 not in ops.dtypes and not ops.reads
     assert total == pytest.approx(E.strided_nll(model, tokens, block, 5, batch_size=64)[0], rel=1e-6)
     with Ops() as ops:
-        E.dynamic_nll(model, tokens, block, 8, lr=0.1)
+        E.dynamic_token_nll(model, tokens, block, 8, lr=0.1)
     assert torch.float64 not in ops.dtypes
 
 
@@ -320,6 +322,14 @@ def test_ngram_mixture_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pyte
     # the per-token pass gives the static figures of the plain pass
     plain = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32"])
     assert lk == pytest.approx(plain["likelihood"], rel=1e-6)
+    # with dynamic evaluation, its probabilities are mixed too, the weight again fitted on val
+    both = E.main([f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32", "--mix_ngram=3",
+                   "--dynamic_lr=0.05"])
+    dyn = both["dynamic"]
+    assert dyn["mixture"]["val_bpb_by_order"]["3"] <= dyn["val_bpb_by_lr"]["0.05"] + 1e-9
+    assert dyn["mixture"]["tokens"] == lk["tokens"] and 0 <= dyn["mixture"]["weight"] <= 1
+    assert f"bpb, dynamic evaluation and n-gram (order 3, model weight {dyn['mixture']['weight']:.3f})" in \
+        capsys.readouterr().out
 
 
 def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
