@@ -4,7 +4,7 @@ PY ?= python3
 BOOK ?=
 PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
-.PHONY: install dev test test-fast demo gpu-check colab clean
+.PHONY: install dev test test-fast demo speedrun gpu-check colab clean
 
 RUN ?= out/wp_bpe_cpu
 
@@ -35,6 +35,12 @@ demo: install
 	$(PY) evaluate.py --out_dir=$(RUN)
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
+
+# steps and minutes to 1.60 bpb on val (config/speedrun_cpu.toml), confirmed on test; --overwrite=true reruns it
+speedrun: install
+	$(PY) prepare.py $(PREPARE_INPUT) \
+	  || { echo "offline? point at a local copy of the book: make speedrun BOOK=path/to/pg2600.txt" >&2; exit 2; }
+	$(PY) bench.py config/speedrun_cpu.toml --speedrun=true --sample_tokens=0 --out=out/speedrun_cpu.json
 
 # on a GPU machine: prepare, bench, train bf16/fp16 with a SIGTERM resume, DDP, sample, evaluate, app;
 # writes out/gpu_check/report.md and report.json, exit status 1 if a check failed. Sized for under 8 minutes

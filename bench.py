@@ -3,6 +3,7 @@
     python bench.py                                              # the default model, as train.py would run it here
     python bench.py config/wp_char_2x4090.toml --device=cpu --batch_size=16 --gradient_accumulation_steps=1 --compare
     python bench.py config/wp_char_2x4090.toml --compare         # on a GPU: flash attention check, datasheet MFU
+    python bench.py config/speedrun_cpu.toml --speedrun=true     # steps and time to a target bpb (make speedrun)
 
 Training steps are timed after warm-up (the first step, which compiles when compile=true, is
 reported on its own) on random tokens with train.py's own train_step: forward and backward under
@@ -15,7 +16,10 @@ for-loop AdamW), and --nanogpt=PATH nanoGPT's model.py from a checkout, as its t
 their steps are interleaved with bookgpt's so all see the same machine load. Sampling times
 max_new_tokens after a prompt with the KV cache and without it (recomputing the context every
 token): on a CPU in float32 the two must give the same tokens, elsewhere the same logits within
-rounding. Prints a table and writes --out (JSON).
+rounding. --speedrun then trains the config to its target_val_bpb with train.py and scores the best
+checkpoint on test with evaluate.py: the steps, tokens and minutes of training steps it took, beside
+the median step time measured first, so another machine's time is its own step time times the steps.
+Prints a table and writes --out (JSON).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,6 +75,8 @@ class BenchConfig(TrainConfig):
     sample_dtype: str = opt("float32", "precision for sampling; float32 keeps cached and uncached tokens identical")
     profile: bool = opt(False, "print the torch.profiler table of one step of each configuration")
     out: str = opt("out/bench.json", "write the results here as JSON ('' = don't)")
+    speedrun: bool = opt(False, "then train the config to its target_val_bpb (train.py) and score it on test "
+                                "(evaluate.py): steps and time to the target")
 
 
 def check(cfg: BenchConfig) -> None:
@@ -83,6 +89,8 @@ def check(cfg: BenchConfig) -> None:
             raise UserError(f"'{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.peak_tflops < 0:
         raise UserError(f"'peak_tflops' must be >= 0 (0 = measure / datasheet), got {cfg.peak_tflops}")
+    if cfg.speedrun and cfg.target_val_bpb <= 0:
+        raise UserError("--speedrun needs a finish line: set target_val_bpb (config/speedrun_cpu.toml sets 1.6)")
     if cfg.sample_dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"bad value for 'sample_dtype': {cfg.sample_dtype!r}; use one of auto, float32, bfloat16, float16")
 
@@ -462,6 +470,28 @@ def data_ms_per_batch(cfg: BenchConfig, device: str, n: int = 20) -> float | Non
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def speedrun(cfg: BenchConfig, ms_per_step: float) -> dict[str, Any]:
+    """Train the config from scratch until an eval's val bpb reaches target_val_bpb (or its max_iters),
+    then evaluate.py's full pass of the best checkpoint on test (val chose the step; test reports it)."""
+    from evaluate import EvalConfig, evaluate
+    from train import train
+    print(f"\nspeedrun: training {cfg.out_dir} to val bpb <= {cfg.target_val_bpb:g}...", flush=True)
+    summary = train(TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}))
+    ev = evaluate(EvalConfig(out_dir=cfg.out_dir, num_prompts=0, baselines=False, device=cfg.device,
+                             threads=cfg.threads), log=lambda m: print(m, flush=True))
+    out = {"reached": summary["reason"] == "target", "steps": summary["iter"], "tokens": summary["tokens_seen"],
+           "train_minutes": summary["train_seconds"] / 60, "target_val_bpb": cfg.target_val_bpb,
+           "best_iter": summary["best_iter"], "test_bpb": ev["likelihood"]["bpb"],
+           "val_bpb": ev["splits"].get("val", ev["splits"][ev["data"]["split"]])["likelihood"]["bpb"],
+           "bench_ms_per_step": ms_per_step, "minutes_at_bench_speed": summary["iter"] * ms_per_step / 60e3}
+    print(f"\nspeedrun: {'reached' if out['reached'] else 'did NOT reach'} val bpb <= {cfg.target_val_bpb:g} "
+          f"(training's estimate) in {out['steps']:,} steps, {out['tokens']:,} tokens, {out['train_minutes']:.1f} "
+          f"minutes of training steps ({out['steps']:,} x the median {ms_per_step / 1e3:.2f} s a step measured above: "
+          f"{out['minutes_at_bench_speed']:.1f} minutes); best checkpoint (step {out['best_iter']:,}): test "
+          f"{out['test_bpb']:.4f} bpb, val {out['val_bpb']:.4f} (full passes)")
+    return out
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark as configured; returns the results (also written to cfg.out)."""
     check(cfg)
@@ -491,6 +521,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         res["sampling"] = bench_sampling(cfg, device)
     res["load_avg_end"] = list(os.getloadavg())
     print_report(res)
+    if cfg.speedrun:
+        res["speedrun"] = speedrun(cfg, rows["bookgpt"]["ms_per_step"])
     if cfg.out:
         atomic_write_json(cfg.out, res)
         print(f"\nwrote {cfg.out}")

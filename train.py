@@ -77,6 +77,8 @@ class TrainConfig(GPTConfig):
     max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
     max_minutes: float = opt(0.0, "stop after this much training time; the LR schedule follows it too (0 = off)")
     early_stop_patience: int = opt(5, "stop when val has not improved for this many evals (0 = off)")
+    target_val_bpb: float = opt(0.0, "stop at the first eval whose val bpb (training's estimate) is at or below this: "
+                                     "a speedrun's finish line (0 = off)")
     # evaluation and logging
     eval_interval: int = opt(100, "evaluate every N steps")
     eval_iters: int = opt(20, "batches per split per evaluation")
@@ -112,7 +114,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"'{key}' must be positive, got {getattr(cfg, key)}")
-    for key in ("max_minutes", "warmup_iters", "lr_decay_iters", "early_stop_patience"):
+    for key in ("max_minutes", "warmup_iters", "lr_decay_iters", "early_stop_patience", "target_val_bpb"):
         if getattr(cfg, key) < 0:
             raise UserError(f"'{key}' must be 0 or more, got {getattr(cfg, key)}")
     if cfg.min_lr > cfg.learning_rate:
@@ -328,6 +330,7 @@ class Trainer:
         self.ctx = autocast(self.device, self.dtype)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
         self.lr = cfg.learning_rate
+        self.val_bpb = math.inf  # the last eval's
         self.bar: Any = None
         self.by_time = False
         self.start_logging()
@@ -451,6 +454,7 @@ class Trainer:
         record = {"kind": "eval", "iter": state["iter_num"], "train_loss": losses["train"], "val_loss": losses["val"],
                   "val_bpb": bits_per_byte(losses["val"], self.meta["splits"]["val"]), "lr": self.lr,
                   "tokens_seen": state["tokens_seen"], "time_s": state["train_seconds"]}
+        self.val_bpb = record["val_bpb"]
         average = self.evaluate_average(record) if self.ema is not None else ""
         if self.d.master:
             self.metrics.write(record)
@@ -545,6 +549,9 @@ class Trainer:
                 if cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
                     reason = "early_stop"
                     break
+                if self.val_bpb <= cfg.target_val_bpb:
+                    reason = "target"
+                    break
             if out_of_time:
                 reason = "max_minutes"
                 break
@@ -566,6 +573,9 @@ class Trainer:
             self.metrics.write(summary)
             print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
                   f"({summary['best_val_bpb']:.3f} bpb) at step {state['best_iter']}; checkpoints in {self.out_dir}")
+            if reason == "target":
+                print(f"reached val bpb {self.val_bpb:.3f} <= {self.cfg.target_val_bpb:g} in {state['iter_num']:,} "
+                      f"steps ({state['tokens_seen']:,} tokens) and {state['train_seconds'] / 60:.1f} minutes of training steps")
             if self.wandb:
                 self.wandb.finish()
         return summary
@@ -574,7 +584,7 @@ class Trainer:
 # What a resumed run's command line may change: budgets, intervals, logging, the device, and the keys
 # that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
 MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
-                        "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "wandb_log",
+                        "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "target_val_bpb", "wandb_log",
                         "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "threads",
                         "overwrite", *(f.name for f in fields(GPTConfig))}
 

@@ -11,7 +11,7 @@ import torch
 
 from bench import BenchConfig, device_peaks, gpu_peak_tflops, throughput
 from common import native_bf16
-from config import parse_config
+from config import UserError, parse_config
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +93,25 @@ def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
     assert s["check"] == "identical tokens" and s["ok"] and s["max_logit_error"] < 1e-5
     assert res["data_ms_per_batch"] is None  # no prepared data in data_dir: nothing to time
     assert res["config"]["vocab_size"] == 104
+
+
+def test_speedrun_trains_to_the_target_and_scores_test(tiny_char_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    import bench
+    out = tmp_path / "run"
+    args = [f"--{k}={v}" for k, v in {**TINY, "sample_tokens": 0}.items()] + [
+        f"--data_dir={tiny_char_data}", f"--out_dir={out}", "--out=", "--speedrun=true", "--target_val_bpb=6.0",
+        "--max_iters=200", "--eval_interval=5", "--eval_iters=2", "--learning_rate=3e-3", "--dtype=float32"]
+    res = bench.run(parse_config(BenchConfig, args))["speedrun"]
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    # stopped at the first eval at or below the target (every eval before it was above)
+    assert res["reached"] and res["steps"] == evals[-1]["iter"] < 200 and evals[-1]["val_bpb"] <= 6.0
+    assert all(e["val_bpb"] > 6.0 for e in evals[:-1]) and res["tokens"] == res["steps"] * 2 * 16
+    assert res["minutes_at_bench_speed"] == pytest.approx(res["steps"] * res["bench_ms_per_step"] / 60e3)
+    assert 0 < res["test_bpb"] < 8 and (out / "eval.json").is_file()  # evaluate.py's full pass on test
+    assert f"reached val bpb <= 6 (training's estimate) in {res['steps']} steps" in capsys.readouterr().out
+    with pytest.raises(UserError, match="needs a finish line"):
+        bench.run(parse_config(BenchConfig, ["--speedrun=true"]))
 
 
 @pytest.mark.slow

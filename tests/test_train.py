@@ -16,7 +16,7 @@ import batches
 import distributed
 import train as train_mod
 from checkpoint import checkpoint_path, load_checkpoint
-from common import autocast
+from common import autocast, bits_per_byte
 from config import UserError, config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
@@ -69,6 +69,17 @@ def test_best_checkpoint_tracks_minimum_val_and_early_stop(tiny_char_data: Path,
     best, latest = load_checkpoint(out / "best.pt"), load_checkpoint(out / "ckpt.pt")
     assert best["iter_num"] == 20 and best["best_val_loss"] == 2.0
     assert latest["iter_num"] == 50 and latest["best_iter"] == 20
+
+
+def test_a_target_val_bpb_ends_the_run_at_the_first_eval_that_reaches_it(
+        tiny_char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    vals = iter([4.0, 3.0, 2.0, 1.0])
+    monkeypatch.setattr(train_mod, "estimate_loss", lambda *a, **k: dict.fromkeys(("train", "val"), next(vals)))
+    val_split = json.loads((tiny_char_data / "meta.json").read_text())["splits"]["val"]
+    target = bits_per_byte(2.5, val_split)  # between the second eval's loss and the third's
+    summary = run(tiny_char_data, tmp_path / "run", max_iters=200, eval_interval=10, target_val_bpb=target)
+    assert summary["reason"] == "target" and summary["iter"] == 20 and summary["best_iter"] == 20
+    assert f"reached val bpb {bits_per_byte(2.0, val_split):.3f} <= {target:g} in 20 steps" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
