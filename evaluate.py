@@ -321,15 +321,15 @@ def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_t
 
 
 def score(model: torch.nn.Module, tok: Any, tokens: np.ndarray, name: str, block_size: int, stride: int,
-          cfg: EvalConfig, device: str, dtype: str, timings: dict[str, float],
-          log: Callable[[str], None]) -> tuple[dict, np.ndarray | None]:
-    """The likelihood figures of one split's full pass, and each token's nll when an n-gram mixture needs them."""
+          cfg: EvalConfig, device: str, dtype: str, timings: dict[str, float], log: Callable[[str], None],
+          per_token: bool = False) -> tuple[dict, np.ndarray | None]:
+    """The likelihood figures of one split's full pass, and with per_token each token's nll (for a mixture)."""
     if len(tokens) < 2:
         raise UserError(f"the {name} split has fewer than 2 tokens; nothing to evaluate")
     log(f"scoring {len(tokens):,} {name} tokens (block {block_size}, stride {stride}, {device}/{dtype})...")
     t0 = time.perf_counter()
     token_nll = None
-    if parse_orders(cfg.mix_ngram):
+    if per_token:
         token_nll = strided_token_nll(model, tokens, block_size, stride, cfg.batch_size, device, dtype)
         total, n = math.fsum(token_nll), len(token_nll)
     else:
@@ -506,10 +506,11 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     texts = {name: tok.decode(t) for name, t in tokens.items()}  # decoding the bins gives the split texts
     train_tokens = read_split(data_dir, "train", meta)
     train_text = tok.decode(train_tokens)
-    parse_orders(cfg.mix_ngram, tok.vocab_size)
+    mixing = bool(parse_orders(cfg.mix_ngram, tok.vocab_size))
     scored, token_nll = {}, {}
     for name in names:
-        lk, token_nll[name] = score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype, timings, log)
+        lk, token_nll[name] = score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype, timings, log,
+                                    per_token=mixing)
         scored[name] = {"likelihood": lk}
         if cfg.baselines:
             t0 = time.perf_counter()
