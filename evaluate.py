@@ -394,10 +394,12 @@ def mixture_weight(p_model: np.ndarray, p_ngram: np.ndarray, steps: int = 1000) 
 
 def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dict[str, np.ndarray],
                   train_tokens: np.ndarray, vocab_size: int, scored: dict, timings: dict[str, float],
-                  log: Callable[[str], None], of: str = "the model") -> dict[str, Any]:
+                  log: Callable[[str], None], of: str = "the model",
+                  ngram_cache: dict[tuple[int, str], np.ndarray] | None = None) -> dict[str, Any]:
     """The model mixed token by token with a modified Kneser-Ney n-gram over its own tokens, fitted on train:
     p = w * p_model + (1 - w) * p_ngram. Each order's weight is fitted on val and the order with the best val
-    bpb is scored on the headline split with that weight; the n-gram alone is reported beside it."""
+    bpb is scored on the headline split with that weight; the n-gram alone is reported beside it. The n-gram's
+    probabilities per (order, split) are kept in ngram_cache, so a second mixture (dynamic evaluation's) reuses them."""
     orders = parse_orders(cfg.mix_ngram, vocab_size)
     if not orders:
         return {}
@@ -407,11 +409,15 @@ def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dic
         lk = scored[name]["likelihood"]
         return likelihood_figures(-float(np.log(p).sum()), len(p), lk["bytes"], lk["chars"])
 
+    cache = {} if ngram_cache is None else ngram_cache
+
     def ngram_probs(order: int, name: str) -> np.ndarray:
-        t0 = time.perf_counter()
-        p = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size), tokens[name])[1:]
-        timings[f"n-gram of order {order} on {name}, mixed with {of}"] = time.perf_counter() - t0
-        return p
+        if (order, name) not in cache:
+            t0 = time.perf_counter()
+            cache[order, name] = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size),
+                                          tokens[name])[1:]
+            timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
+        return cache[order, name]
 
     on_val = {}
     for order in orders:
@@ -524,10 +530,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     lk, baselines = scored[cfg.split]["likelihood"], scored[cfg.split].get("baselines", {})
     dynamic, dynamic_nll = dynamic_evaluation(cfg, model, tokens, train_tokens, scored, block_size, stride, device,
                                               dtype, timings, log)
-    mixture = ngram_mixture(cfg, token_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log)
+    ngram_cache: dict[tuple[int, str], np.ndarray] = {}
+    mixture = ngram_mixture(cfg, token_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log,
+                            ngram_cache=ngram_cache)
     if dynamic and mixture:  # the two together: dynamic evaluation's probabilities mixed with the n-gram
         dynamic["mixture"] = ngram_mixture(cfg, dynamic_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log,
-                                           of="dynamic evaluation")
+                                           of="dynamic evaluation", ngram_cache=ngram_cache)
     tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style
