@@ -184,6 +184,16 @@ def bits_per_byte(loss_nats: float, split: dict[str, int]) -> float:
     return loss_nats / math.log(2) * split["tokens"] / split["bytes"]
 
 
+def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
+    """Everything users quote, from one total: per token, per byte (the headline) and per character."""
+    loss = total_nats / n_tokens
+    exp = lambda x: math.exp(x) if x < 700 else math.inf  # noqa: E731  (a diverged dynamic evaluation)
+    return {"bpb": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_bytes}), "loss": loss, "ppl": exp(loss),
+            "bits_per_token": loss / math.log(2), "bpc": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_chars}),
+            "ppl_char": exp(total_nats / n_chars),
+            "tokens": n_tokens, "bytes": n_bytes, "chars": n_chars}
+
+
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """A run's metrics.jsonl (train.py writes it): its records in file order, each a JSON object
     with a "kind" ("train", "eval", "teacher", "summary") and an integer "iter", and how many lines

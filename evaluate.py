@@ -1,15 +1,16 @@
 """Evaluate a trained run honestly: held-out likelihood, baselines, memorisation, style, themes, curves.
 
     python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest|ema] [--stride=N]
-                       [--dynamic_lr=LR] [--mix_ngram=ORDERS]
+                       [--dynamic_lr=LR] [--mix_ngram=ORDERS] [--ensemble=RUN,...]
 
 1. Likelihood: one full pass over the whole split with sliding windows (HuggingFace's strided
    perplexity recipe): every token is scored exactly once, with at least block_size - stride tokens
    of context except at the very start. Reported as nats/token, perplexity, bits per character and
    bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
    --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads), and
-   --mix_ngram the model mixed with a Kneser-Ney n-gram over its tokens. Both are reported beside the
-   static figure, which stays the headline, with every setting chosen on val.
+   --mix_ngram the model mixed with a Kneser-Ney n-gram over its tokens, --ensemble the model mixed with
+   other runs (mixture.py). All are reported beside the static figure, which stays the headline, with
+   every setting and weight chosen on val.
 2. Baselines on the same split, fitted on the train split (baselines.py): a byte unigram, byte-level
    interpolated Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
 3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
@@ -36,10 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines import cached_baselines, kn_levels, kn_probs, max_order
+from baselines import cached_baselines
 from checkpoint import data_difference, load_for_inference
-from common import autocast, bits_per_byte, read_metrics, records_of, resolve_device, resolve_dtype
+from common import autocast, likelihood_figures, read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from mixture import ensemble, ngram_mixture, parse_orders
 from report import output_names, plot_bpb, plot_curves, print_summary, write_report
 from sample import TEMPERATURE, TOP_K, TOP_P, check_sampling
 from textstats import TrainIndex, memorisation, style_distance, style_stats, themes
@@ -63,6 +65,8 @@ class EvalConfig:
     mix_ngram: str = opt("0", "mix the model with a Kneser-Ney n-gram over its own tokens (fitted on train) of these "
                               "orders, comma-separated: each order's weight is fitted on val, the best order is "
                               "scored on the headline split (0 = off)")
+    ensemble: str = opt("", "other runs trained on the same data (out_dirs, comma-separated, each at --ckpt): "
+                            "their probabilities mixed with this run's, the weights fitted on val ('' = off)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16 (float32 = exact, slower on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 is faster on a busy machine)")
@@ -218,16 +222,6 @@ def train_gradient_rms(model: torch.nn.Module, tokens: np.ndarray, block_size: i
     return [(sq / batches).sqrt() for sq in squares]
 
 
-def likelihood_figures(total_nats: float, n_tokens: int, n_bytes: int, n_chars: int) -> dict[str, float]:
-    """Everything users quote, from one total: per token, per byte (the headline) and per character."""
-    loss = total_nats / n_tokens
-    exp = lambda x: math.exp(x) if x < 700 else math.inf  # noqa: E731  (a diverged dynamic evaluation)
-    return {"bpb": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_bytes}), "loss": loss, "ppl": exp(loss),
-            "bits_per_token": loss / math.log(2), "bpc": bits_per_byte(loss, {"tokens": n_tokens, "bytes": n_chars}),
-            "ppl_char": exp(total_nats / n_chars),
-            "tokens": n_tokens, "bytes": n_bytes, "chars": n_chars}
-
-
 # ============================================================================ 2. generation
 
 def pick_prompts(text: str, num: int, prompt_chars: int, room: int, seed: int) -> list[int]:
@@ -380,73 +374,25 @@ def dynamic_evaluation(cfg: EvalConfig, model: torch.nn.Module, tokens: dict[str
             {"val": best_nll, cfg.split: headline_nll})
 
 
-def mixture_weight(p_model: np.ndarray, p_ngram: np.ndarray, steps: int = 1000) -> float:
-    """The weight w of w * p_model + (1 - w) * p_ngram that gives these targets the highest likelihood,
-    by EM (the log-likelihood is concave in w, so EM climbs to its maximum)."""
-    w = 0.5
-    for _ in range(steps):
-        new = float(np.mean(w * p_model / (w * p_model + (1 - w) * p_ngram)))
-        if abs(new - w) < 1e-7:
-            return new
-        w = new
-    return w
-
-
-def ngram_mixture(cfg: EvalConfig, token_nll: dict[str, np.ndarray], tokens: dict[str, np.ndarray],
-                  train_tokens: np.ndarray, vocab_size: int, scored: dict, timings: dict[str, float],
-                  log: Callable[[str], None], of: str = "the model",
-                  ngram_cache: dict[tuple[int, str], np.ndarray] | None = None) -> dict[str, Any]:
-    """The model mixed token by token with a modified Kneser-Ney n-gram over its own tokens, fitted on train:
-    p = w * p_model + (1 - w) * p_ngram. Each order's weight is fitted on val and the order with the best val
-    bpb is scored on the headline split with that weight; the n-gram alone is reported beside it. The n-gram's
-    probabilities per (order, split) are kept in ngram_cache, so a second mixture (dynamic evaluation's) reuses them."""
-    orders = parse_orders(cfg.mix_ngram, vocab_size)
-    if not orders:
-        return {}
-    p_model = {name: np.exp(-nll) for name, nll in token_nll.items()}
-
-    def figures(name: str, p: np.ndarray) -> dict[str, float]:
-        lk = scored[name]["likelihood"]
-        return likelihood_figures(-float(np.log(p).sum()), len(p), lk["bytes"], lk["chars"])
-
-    cache = {} if ngram_cache is None else ngram_cache
-
-    def ngram_probs(order: int, name: str) -> np.ndarray:
-        if (order, name) not in cache:
-            t0 = time.perf_counter()
-            cache[order, name] = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size),
-                                          tokens[name])[1:]
-            timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
-        return cache[order, name]
-
-    on_val = {}
-    for order in orders:
-        p_ngram = ngram_probs(order, "val")
-        w = mixture_weight(p_model["val"], p_ngram)
-        on_val[order] = {"weight": w, "bpb": figures("val", w * p_model["val"] + (1 - w) * p_ngram)["bpb"],
-                         "ngram_bpb": figures("val", p_ngram)["bpb"]}
-        log(f"{of} mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} bpb "
-            f"(the n-gram alone {on_val[order]['ngram_bpb']:.4f})")
-    order = min(on_val, key=lambda o: on_val[o]["bpb"])
-    w = on_val[order]["weight"]
-    p_ngram = ngram_probs(order, cfg.split)  # (for --split=val, the val figures once more)
-    out = figures(cfg.split, w * p_model[cfg.split] + (1 - w) * p_ngram)
-    ngram_alone = figures(cfg.split, p_ngram)["bpb"]
-    log(f"  on {cfg.split}: {out['bpb']:.4f} bpb (the {order}-gram alone {ngram_alone:.4f})")
-    return {**out, "order": order, "weight": w, "ngram_bpb": ngram_alone, "chosen_on": "val",
-            "val_bpb_by_order": {str(o): r["bpb"] for o, r in on_val.items()}}
-
-
-def parse_orders(text: str, vocab_size: int = 256) -> list[int]:
-    """mix_ngram's comma-separated n-gram orders (0 = off), each within what the vocabulary allows."""
-    try:
-        orders = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad value for 'mix_ngram': {text!r}; use n-gram orders such as 3 or 2,3,4 (0 = off)") from None
-    if any(o < 0 or o > max_order(vocab_size) for o in orders):
-        raise UserError(f"mix_ngram orders must be 1..{max_order(vocab_size)} for a vocabulary of {vocab_size} "
-                        f"(the n-grams are packed into 64 bits), got {text}")
-    return [o for o in orders if o > 0]
+def ensemble_members(cfg: EvalConfig, meta: dict[str, Any], tokens: dict[str, np.ndarray], device: str, dtype: str,
+                     timings: dict[str, float], log: Callable[[str], None]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    """The other runs of --ensemble, each checked to be trained on this data and scored token by token on
+    every split in `tokens` (with its own context length: every target is still scored once)."""
+    runs, token_nll = [], []
+    for run in [r.strip() for r in cfg.ensemble.split(",") if r.strip()]:
+        model, info = load_for_inference(run, cfg.ckpt, device)
+        if diff := data_difference(info["meta"], meta):
+            raise UserError(f"{run} was trained on other data than the evaluated run ({diff}); the runs of an "
+                            "ensemble must share one prepared data folder")
+        block_size = model.config.block_size
+        stride = min(cfg.stride or max(1, block_size // 2), block_size)
+        log(f"scoring {run} ({Path(info['path']).name}, step {info['iter_num']:,}) for the ensemble...")
+        t0 = time.perf_counter()
+        token_nll.append({name: strided_token_nll(model, t, block_size, stride, cfg.batch_size, device, dtype)
+                          for name, t in tokens.items()})
+        timings[f"ensemble: {run}"] = time.perf_counter() - t0
+        runs.append(info["out_dir"])
+    return runs, token_nll
 
 
 def parse_lrs(text: str, key: str = "dynamic_lr", keep_zero: bool = False) -> list[float]:
@@ -512,11 +458,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     texts = {name: tok.decode(t) for name, t in tokens.items()}  # decoding the bins gives the split texts
     train_tokens = read_split(data_dir, "train", meta)
     train_text = tok.decode(train_tokens)
-    mixing = bool(parse_orders(cfg.mix_ngram, tok.vocab_size))
+    orders = parse_orders(cfg.mix_ngram, tok.vocab_size)
+    members, member_nll = ensemble_members(cfg, meta, tokens, device, dtype, timings, log)
     scored, token_nll = {}, {}
     for name in names:
         lk, token_nll[name] = score(model, tok, tokens[name], name, block_size, stride, cfg, device, dtype, timings, log,
-                                    per_token=mixing)
+                                    per_token=bool(orders or members))
         scored[name] = {"likelihood": lk}
         if cfg.baselines:
             t0 = time.perf_counter()
@@ -531,11 +478,17 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
     dynamic, dynamic_nll = dynamic_evaluation(cfg, model, tokens, train_tokens, scored, block_size, stride, device,
                                               dtype, timings, log)
     ngram_cache: dict[tuple[int, str], np.ndarray] = {}
-    mixture = ngram_mixture(cfg, token_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log,
-                            ngram_cache=ngram_cache)
+    mixture = ngram_mixture(orders, token_nll, tokens, train_tokens, tok.vocab_size, scored, cfg.split, timings, log,
+                            cache=ngram_cache)
     if dynamic and mixture:  # the two together: dynamic evaluation's probabilities mixed with the n-gram
-        dynamic["mixture"] = ngram_mixture(cfg, dynamic_nll, tokens, train_tokens, tok.vocab_size, scored, timings, log,
-                                           of="dynamic evaluation", ngram_cache=ngram_cache)
+        dynamic["mixture"] = ngram_mixture(orders, dynamic_nll, tokens, train_tokens, tok.vocab_size, scored,
+                                           cfg.split, timings, log, of="dynamic evaluation", cache=ngram_cache)
+    ensembled = {}
+    if members:
+        ensembled, ensemble_nll = ensemble([info["out_dir"], *members], [token_nll, *member_nll], scored, cfg.split, log)
+        if mixture:  # the ensemble mixed with the n-gram, as the single model above
+            ensembled["mixture"] = ngram_mixture(orders, ensemble_nll, tokens, train_tokens, tok.vocab_size, scored,
+                                                 cfg.split, timings, log, of="the ensemble", cache=ngram_cache)
     tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 3. generation, memorisation, style
@@ -558,7 +511,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
                  "split_tokens": len(tokens), "split_bytes": len(split_text.encode("utf-8")),
                  "split_chars": len(split_text), "sha256_clean": meta.get("sha256_clean")},
         "settings": {**config_dict(cfg), "stride": stride, "block_size": block_size, "device": device, "dtype": dtype},
-        "likelihood": lk, "dynamic": dynamic, "mixture": mixture, "baselines": baselines, "splits": scored, "memorisation": mem,
+        "likelihood": lk, "dynamic": dynamic, "mixture": mixture, "ensemble": ensembled, "baselines": baselines, "splits": scored, "memorisation": mem,
         "style": style,
         "curves": curves,
         "samples": samples, "timings": timings,

@@ -146,6 +146,10 @@ def mixture_label(mix: dict[str, Any]) -> str:
     return f"order {mix['order']}, model weight {mix['weight']:.3f}"
 
 
+def ensemble_label(ens: dict[str, Any]) -> str:
+    return f"{len(ens['runs'])} runs, weights {' / '.join(f'{w:.3f}' for w in ens['weights'])}"
+
+
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
     names = output_names(ev["settings"]["ckpt"])
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
@@ -178,6 +182,15 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
                f"{mixture_label(mix)}, **{mix['bpb']:.4f} bpb** on {data['split']}, {mix['bpb'] - lk['bpb']:+.4f} "
                f"against the static figure above, which stays the headline (the n-gram alone: {mix['ngram_bpb']:.4f}).",
                ""]
+    if ev.get("ensemble"):
+        ens = ev["ensemble"]
+        md += [f"An ensemble, mixed token by token with runs trained on the same data (p = sum of w_k p_k; the "
+               f"weights fitted on val, {ens['val_bpb']:.4f} bpb there): {ensemble_label(ens)}, "
+               f"**{ens['bpb']:.4f} bpb** on {data['split']}, {ens['bpb'] - lk['bpb']:+.4f} against the static "
+               f"figure above, which stays the headline. The runs alone on {data['split']}: " + ", ".join(
+                   f"`{r}` {b:.4f}" for r, b in zip(ens["runs"], ens["runs_bpb"])) + "." + (
+                   f" Mixed with an n-gram as above ({mixture_label(ens['mixture'])}, fitted on val the same way): "
+                   f"**{ens['mixture']['bpb']:.4f} bpb**." if ens.get("mixture") else ""), ""]
     if ev.get("baselines"):
         first = ev["splits"][data["split"]]["baselines"]
         rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in ev["splits"].values()))]
@@ -254,6 +267,13 @@ def print_summary(ev: dict[str, Any]) -> None:
         mix = ev["mixture"]
         print(f"  {'bpb, mixed with an n-gram (' + mixture_label(mix) + ')':<36} {mix['bpb']:>16.4f}"
               f"   (chosen on val: {', '.join(f'order {k} {v:.4f}' for k, v in mix['val_bpb_by_order'].items())})")
+    if ev.get("ensemble"):
+        ens = ev["ensemble"]
+        print(f"  {'bpb, ensemble (' + ensemble_label(ens) + ')':<36} {ens['bpb']:>16.4f}"
+              f"   (runs alone: {', '.join(f'{b:.4f}' for b in ens['runs_bpb'])})")
+        if ens.get("mixture"):
+            print(f"  {'bpb, ensemble and n-gram (' + mixture_label(ens['mixture']) + ')':<36} "
+                  f"{ens['mixture']['bpb']:>16.4f}")
     if ev.get("baselines"):
         print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
         for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):

@@ -82,18 +82,6 @@ def test_per_token_nll_is_the_same_pass_token_by_token(n: int, stride: int, batc
             np.testing.assert_allclose(per_token[end - n_scored:end], expected, rtol=1e-5)
 
 
-def test_mixture_weight_is_the_best_weight() -> None:
-    rng = np.random.default_rng(0)
-    p_model, p_ngram = rng.uniform(0.01, 1, 5000), rng.uniform(0.01, 1, 5000)
-    w = E.mixture_weight(p_model, p_ngram)
-    loglik = lambda v: np.log(v * p_model + (1 - v) * p_ngram).sum()  # noqa: E731
-    grid = np.linspace(0, 1, 1001)
-    assert 0 < w < 1 and loglik(w) >= max(loglik(v) for v in grid) - 1e-6
-    # a model that is always better gets all the weight; one always worse almost none
-    assert E.mixture_weight(np.full(100, 0.9), np.full(100, 0.1)) > 0.99
-    assert E.mixture_weight(np.full(100, 0.1), np.full(100, 0.9)) < 0.01
-
-
 def test_stride_one_is_full_context_and_context_matters() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(1).integers(0, 11, size=60)
@@ -331,6 +319,44 @@ def test_ngram_mixture_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pyte
     assert dyn["mixture"]["tokens"] == lk["tokens"] and 0 <= dyn["mixture"]["weight"] <= 1
     assert f"bpb, dynamic evaluation and n-gram (order 3, model weight {dyn['mixture']['weight']:.3f})" in \
         capsys.readouterr().out
+
+
+def test_ensemble_end_to_end(tiny_eval_run: tuple[Path, Path], tmp_path: Path,
+                              capsys: pytest.CaptureFixture) -> None:
+    run, data = tiny_eval_run
+    # a second run on the same data with another seed and a shorter context (every token is still scored once)
+    other = tmp_path / "other"
+    train(parse_config(TrainConfig, tiny_train_args(data, other, max_iters=30, learning_rate=3e-3, seed=7,
+                                                    block_size=16)))
+    args = [f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32"]
+    ev = E.main(args + [f"--ensemble={other}", "--mix_ngram=3"])
+    ens, lk = ev["ensemble"], ev["likelihood"]
+    assert ens["runs"] == [str(run), str(other)] and ens["chosen_on"] == "val"
+    assert sum(ens["weights"]) == pytest.approx(1) and all(0 <= w <= 1 for w in ens["weights"])
+    assert ens["tokens"] == lk["tokens"] and ens["bytes"] == lk["bytes"]  # the figures are test's
+    assert ens["runs_bpb"][0] == pytest.approx(lk["bpb"])
+    alone = E.main([f"--out_dir={other}", "--num_prompts=0", "--baselines=false", "--dtype=float32"])
+    assert ens["runs_bpb"][1] == pytest.approx(alone["likelihood"]["bpb"])
+    # fitted on val, the ensemble does no worse there than either run alone
+    val_alone = [ev["splits"]["val"]["likelihood"]["bpb"], alone["splits"]["val"]["likelihood"]["bpb"]]
+    assert ens["val_bpb"] <= min(val_alone) + 1e-6
+    # its probabilities mixed with the n-gram as well, the weight again fitted on val
+    assert ens["mixture"]["val_bpb_by_order"]["3"] <= ens["val_bpb"] + 1e-9 and ens["mixture"]["tokens"] == lk["tokens"]
+    out = capsys.readouterr().out
+    assert f"bpb, ensemble (2 runs, weights {ens['weights'][0]:.3f} / {ens['weights'][1]:.3f})" in out
+    assert "bpb, ensemble and n-gram (order 3" in out
+    assert f"**{ens['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
+    assert ev["mixture"]["bpb"] != pytest.approx(ens["bpb"])  # the single model's mixture is still there, apart
+    # a run on other data, or none at all, is one clear error
+    with pytest.raises(UserError, match="run directory not found"):
+        E.main(args + [f"--ensemble={tmp_path / 'missing'}"])
+    meta = json.loads((other / "meta.json").read_text(encoding="utf-8"))
+    ckpt = torch.load(other / "best.pt", weights_only=True)
+    ckpt["meta"] = {**ckpt["meta"], "sha256_clean": "0" * 64}
+    torch.save(ckpt, other / "best.pt")
+    with pytest.raises(UserError, match=r"trained on other data than the evaluated run \(another text"):
+        E.main(args + [f"--ensemble={other}"])
+    assert meta  # (the run's own meta.json is untouched: the checkpoint's copy is what is compared)
 
 
 def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
