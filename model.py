@@ -47,6 +47,11 @@ class GPTConfig:
     tie_weights: bool = opt(True, "tie the output head to the token embedding")
     logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
     rope_base: float = opt(10000.0, "base of the rotary frequencies (pos_emb=rope)")
+    value_embeds: int = opt(0, "token tables added to the attention values of the first and the last this many "
+                               "blocks, block i and block n_layer - k + i sharing table i (0 = off)")
+    unet_skips: bool = opt(False, "U-net skips: each block of the second half also reads the output of its mirror "
+                                  "in the first half, times a learned weight")
+    zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
@@ -68,6 +73,9 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.value_embeds <= self.n_layer // 2:
+            raise ValueError(f"value_embeds must be 0..n_layer // 2 = {self.n_layer // 2} (a table for a block of "
+                             f"each half), got {self.value_embeds}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, n_embd / n_head = {self.n_embd // self.n_head}")
 
@@ -182,7 +190,8 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = make_norm(config, self.head_dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, ve: torch.Tensor | None = None) -> torch.Tensor:
+        """ve: this block's value embedding of the tokens (B, T, C), added to the values, or None."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
         q, k, v = qkv.unbind(0)
@@ -190,6 +199,8 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if ve is not None:
+            v = v + ve.view(B, T, self.n_head, self.head_dim).transpose(1, 2).to(v.dtype)
         if cache is None:
             causal = True
         else:
@@ -198,7 +209,7 @@ class CausalSelfAttention(nn.Module):
             if start and T > 1:
                 raise ValueError("a KV cache prefill must start at position 0")
             kv = cache.kv[layer]
-            kv[:, :, :, start:end] = qkv[1:] if rope is None and not self.qk_norm else torch.stack((k, v))
+            kv[:, :, :, start:end] = qkv[1:] if rope is None and not self.qk_norm and ve is None else torch.stack((k, v))
             k, v = kv[:, :, :, :end].unbind(0)
             q = q.to(k.dtype)  # (normed queries can be float32 under CUDA autocast; SDPA would cast them so)
             causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
@@ -243,8 +254,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -269,6 +281,10 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                          for _ in range(config.value_embeds))
+        # a skip from block i's output into block n_layer - 1 - i, for the first half's blocks
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -283,8 +299,9 @@ class GPT(nn.Module):
         # GPT-2 init; projections into the residual stream are scaled by 1/sqrt(2 * n_layer)
         # so the stream's variance does not grow with depth.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=0.0 if residual and self.config.zero_init else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -293,14 +310,15 @@ class GPT(nn.Module):
     # --------------------------------------------------------------- accounting
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters (shared ones once). non_embedding drops the position table, and the
-        token table too when it is not also the output head (a lookup costs no FLOPs)."""
+        """Parameters (shared ones once). non_embedding drops the position table and the value tables, and
+        the token table too when it is not also the output head (a lookup costs no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if self.wpe is not None:
                 n -= self.wpe.weight.numel()
             if not self.config.tie_weights:
                 n -= self.wte.weight.numel()
+            n -= sum(t.weight.numel() for t in self.value_embeds)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -327,8 +345,15 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
+        n, k = self.config.n_layer, self.config.value_embeds
+        ves = [self.value_embeds[i](idx) for i in range(k)]
+        skips = []
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            if self.skip_weights is not None and i >= n - len(self.skip_weights):
+                x = x + self.skip_weights[n - 1 - i] * skips[n - 1 - i]
+            x = block(x, rope, cache, i, ves[i] if i < k else ves[i - n + k] if i >= n - k else None)
+            if self.skip_weights is not None and i < len(self.skip_weights):
+                skips.append(x)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.ln_f(x))

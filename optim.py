@@ -89,7 +89,8 @@ def make_optimizers(model: torch.nn.Module, cfg: Any, device: str) -> list[torch
     """AdamW with weight decay on matrices only (not gains, biases); with optimizer=muon the
     hidden matrices (not embeddings or head) go to Muon instead. `cfg` is a TrainConfig."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    embed = {id(model.wte.weight), id(model.lm_head.weight)} | ({id(model.wpe.weight)} if model.wpe is not None else set())
+    # token and position tables (value embeddings too) and the head: AdamW, never Muon
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(model.lm_head.weight)}
     hidden = [p for p in params.values() if p.dim() >= 2 and id(p) not in embed]
     matrices = [p for p in params.values() if p.dim() >= 2 and (cfg.optimizer == "adamw" or id(p) in embed)]
     others = [p for p in params.values() if p.dim() < 2]

@@ -15,6 +15,8 @@ VARIANTS = {
     "default": {},  # the recipe's: rotary, RMSNorm, QK-norm, squared ReLU
     "modern": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", tie_weights=False, logit_softcap=15.0),
     "relu2": dict(mlp="relu2", bias=True, qk_norm=False),
+    "levers": dict(value_embeds=1, unet_skips=True),  # the speedrun's levers; zero_init below
+    "gpt2_levers": dict(**GPT2, value_embeds=1, unet_skips=True),  # its cache stores the values as computed
 }
 
 
@@ -185,6 +187,47 @@ def test_bad_config_values_are_rejected() -> None:
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="mlp"):
         GPTConfig(mlp="tanh")
+    with pytest.raises(ValueError, match=r"value_embeds must be 0..n_layer // 2 = 3"):
+        GPTConfig(n_layer=6, value_embeds=4)
+
+
+def test_value_embeddings_and_skips_start_from_the_plain_model_and_learn() -> None:
+    """With its value tables and skip weights at zero, a model with the levers computes what the model
+    without them does with the same other weights; trained, both kinds of weight get gradients."""
+    plain, levers = tiny(n_layer=4), tiny(n_layer=4, value_embeds=2, unet_skips=True)
+    assert len(levers.value_embeds) == 2 and levers.skip_weights.shape == (2,)
+    extra = {n for n, _ in levers.named_parameters()} - {n for n, _ in plain.named_parameters()}
+    assert extra == {"value_embeds.0.weight", "value_embeds.1.weight", "skip_weights"}
+    levers.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 37, (2, 16))
+    assert not torch.allclose(levers(idx)[0], plain(idx)[0])
+    with torch.no_grad():
+        levers.skip_weights.zero_()
+        for table in levers.value_embeds:
+            table.weight.zero_()
+    torch.testing.assert_close(levers(idx)[0], plain(idx)[0])
+    levers.train()
+    levers(idx, idx)[1].backward()
+    assert levers.skip_weights.grad.abs().min() > 0
+    assert all(t.weight.grad[idx.unique()].abs().sum() > 0 for t in levers.value_embeds)
+    # block i and block n_layer - k + i read table i: with one table, blocks 0 and 3 of 4
+    one = tiny(n_layer=4, value_embeds=1)
+    calls = []
+    for i, block in enumerate(one.blocks):
+        block.attn.register_forward_pre_hook(lambda m, args, i=i: calls.append((i, args[4] is not None)))
+    one(idx)
+    assert calls == [(0, True), (1, False), (2, False), (3, True)]
+    # the value tables are lookups: no FLOPs, and not counted among the non-embedding parameters
+    assert one.flops_per_token() == plain.flops_per_token()
+    assert one.num_params() == plain.num_params()
+
+
+def test_zero_init_starts_every_block_as_the_identity() -> None:
+    model = tiny(zero_init=True, n_layer=3)
+    idx = torch.randint(0, 37, (2, 16))
+    expected = model.lm_head(model.ln_f(model.wte(idx)))
+    torch.testing.assert_close(model(idx)[0], expected)
+    assert model.blocks[0].attn.c_attn.weight.std() > 0.01  # only the projections into the stream are zero
 
 
 def test_explicit_attention_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:

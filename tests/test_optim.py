@@ -120,6 +120,18 @@ def test_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizer(grad_cl
     assert "blocks.0.attn.c_attn.weight" in changed and "wte.weight" in changed  # Muon's and AdamW's
 
 
+def test_tables_go_to_adamw_and_hidden_matrices_to_muon() -> None:
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, value_embeds=1,
+                          unet_skips=True))
+    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    decayed, plain = ({id(p) for p in g["params"]} for g in adamw.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {"wte.weight", "value_embeds.0.weight"}  # (the head is tied to wte)
+    assert "skip_weights" in {names[i] for i in plain} and "blocks.0.attn.c_attn.weight" in {names[i] for i in in_muon}
+    assert decayed | plain | in_muon == set(names) and not (decayed | plain) & in_muon
+
+
 def test_clipping_without_a_scaler_bounds_the_global_norm() -> None:
     model = tiny_model()
     p = model.blocks[0].mlp.c_fc.weight
