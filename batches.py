@@ -67,10 +67,13 @@ class Loader:
         return self._state
 
 
-def read_data_meta(data_dir: Path) -> dict[str, Any]:
+def read_data_meta(data_dir: Path, train_split: str = "train") -> dict[str, Any]:
     """meta.json of a prepared folder (tokenizer.read_meta checks it), and the bins training needs."""
     meta = read_meta(data_dir)
     for split in ("train", "val"):
         if not (data_dir / f"{split}.bin").is_file():
             raise UserError(f"{data_dir / (split + '.bin')} is missing; run prepare.py again")
+    if train_split == "train_dropout" and not (data_dir / "train_dropout.bin").is_file():
+        raise UserError(f"{data_dir} has no train_dropout.bin; write it with python prepare.py --bpe_dropout=0.1 "
+                        "(and the folder's other options), or train on --train_split=train")
     return meta

@@ -3,16 +3,19 @@
     python prepare.py                                   # War and Peace, BPE-2048: the presets' data
     python prepare.py --tokenizer=char                  # characters, for the wp_char_* presets
     python prepare.py --input=../shared/data/pg2600.txt # offline: a local copy
+    python prepare.py --bpe_dropout=0.1                 # also train_dropout.bin, for train.py --train_split
 
 Writes <out_dir>/train.bin, val.bin (and test.bin with --test_fraction>0): flat arrays of token
 ids (uint8 or uint16, see meta.json) for np.memmap; and meta.json, written last, so a complete
 meta.json means complete bins. The text is split at newlines before tokenizing, so each split
-decodes back to exactly its part of the cleaned text.
+decodes back to exactly its part of the cleaned text. With --bpe_dropout, train_dropout.bin holds
+the train split segmented dropout_copies more times at random (BPE-dropout), one copy after another.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import sys
 import time
@@ -47,6 +50,9 @@ class PrepareConfig:
     val_fraction: float = opt(0.05, "fraction of the text for the validation split (every choice is made on it)")
     test_fraction: float = opt(0.05, "fraction of the text for the test split (read only by evaluate.py; 0 = none)")
     block_fraction: float = opt(0.01, "split_layout=blocks: the size of a block, as a fraction of the text")
+    bpe_dropout: float = opt(0.0, "bpe: also write train_dropout.bin, the train split segmented at random with each "
+                                  "merge skipped at this rate (BPE-dropout), for train.py --train_split=train_dropout")
+    dropout_copies: int = opt(4, "segmentations of the train split in train_dropout.bin")
     encoding: str = opt("utf-8", "text encoding of the input, e.g. cp1252 or latin-1 for older files")
     gpt2_dir: str = opt("", "folder with GPT-2's vocab.bpe + encoder.json for offline gpt2 (or $BOOKGPT_GPT2_DIR)")
     raw_dir: str = opt("data/raw", "where downloaded books are cached")
@@ -290,7 +296,7 @@ def write_output(out_dir: Path, tok: Tokenizer, arrays: dict[str, np.ndarray], m
     (out_dir / META_FILE).unlink(missing_ok=True)
     for name, data in tok.files().items():
         atomic_write_bytes(out_dir / name, data)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "train_dropout"):
         if split in arrays:
             atomic_write_bytes(out_dir / f"{split}.bin", arrays[split].tobytes())
         else:
@@ -308,6 +314,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise UserError(f"bad value for 'split_layout': {cfg.split_layout!r}; use one of blocks, tail")
     if cfg.tokenizer == "bpe":
         check_bpe_vocab_size(cfg.vocab_size)  # before any download
+    if cfg.bpe_dropout and (cfg.tokenizer != "bpe" or not 0 < cfg.bpe_dropout < 1 or cfg.dropout_copies < 1):
+        raise UserError(f"--bpe_dropout needs --tokenizer=bpe, a rate in (0, 1) and dropout_copies >= 1, got "
+                        f"{cfg.tokenizer}, {cfg.bpe_dropout}, {cfg.dropout_copies}")
     out_dir = Path(cfg.out_dir or default_data_dir(cfg.tokenizer, cfg.vocab_size))
     t0 = time.perf_counter()
 
@@ -337,6 +346,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         arrays[name] = ids
         counts[name] = {"tokens": int(ids.size), "chars": len(part), "bytes": len(part.encode("utf-8"))}
 
+    if cfg.bpe_dropout:  # segmentation k draws from Random(k): the same file every time
+        arrays["train_dropout"] = np.concatenate([tok.encode_dropout(splits["train"], cfg.bpe_dropout, random.Random(k))
+                                                  for k in range(cfg.dropout_copies)])
     meta = {
         "tokenizer": tok.to_meta(),
         "vocab_size": tok.vocab_size,
@@ -347,6 +359,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction},
         "layout": layout,
         "splits": counts,
+        **({"train_dropout": {"bpe_dropout": cfg.bpe_dropout, "copies": cfg.dropout_copies,
+                              "tokens": int(arrays["train_dropout"].size)}} if cfg.bpe_dropout else {}),
         "prepared_with": "prepare.py",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -355,6 +369,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     print(f"{tok.kind} tokenizer, vocab {tok.vocab_size}, {tok.dtype.name}; {len(text):,} characters of text")
     for name, c in counts.items():
         print(f"  {name:5s} {c['tokens']:>10,} tokens {c['chars']:>10,} chars {c['bytes']:>10,} bytes")
+    if cfg.bpe_dropout:
+        print(f"  train_dropout.bin: {meta['train_dropout']['tokens']:,} tokens, {cfg.dropout_copies} segmentations "
+              f"of train with BPE dropout {cfg.bpe_dropout:g}")
     print(f"wrote {out_dir}/ in {time.perf_counter() - t0:.1f}s")
     return meta
 

@@ -11,7 +11,8 @@ kinds
   gpt2  tiktoken's GPT-2 encoding; offline it is built from vocab.bpe + encoder.json in a local folder
         (--gpt2_dir or $BOOKGPT_GPT2_DIR), checked against tiktoken's sha256 values
   bpe   a byte-level BPE trained on the book's training split with rustbpe, saved as a tiktoken
-        ranks file beside meta.json and encoded with tiktoken
+        ranks file beside meta.json and encoded with tiktoken; encode_dropout segments a text at
+        random (BPE-dropout), for training on several segmentations of the same text
 
 Token ids are stored as uint8 when the vocabulary fits in a byte, else uint16.
 """
@@ -22,11 +23,13 @@ import difflib
 import hashlib
 import json
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import regex
 import tiktoken
 
 from config import UserError
@@ -217,6 +220,31 @@ class BPETokenizer(TiktokenTokenizer):
 
     def files(self) -> dict[str, bytes]:
         return {BPE_RANKS_FILE: ranks_to_bytes(self.ranks)}
+
+    def encode_dropout(self, text: str, p: float, rng: random.Random) -> np.ndarray:
+        """One random segmentation of `text` (BPE-dropout, Provilkov et al., 2020): the text is split as
+        encode splits it and each piece is merged as tiktoken merges it, lowest rank first, except that
+        at every step each merge that could be made is skipped with probability p. p = 0 gives encode's
+        tokens; p = 1 gives bytes. Decodes to `text` whatever p is. Plain Python: about a second per
+        100,000 characters."""
+        if not 0.0 <= p <= 1.0:
+            raise UserError(f"BPE dropout must be in [0, 1], got {p}")
+        _utf8(text)
+        ids: list[int] = []
+        for piece in regex.findall(self.pattern, text):
+            parts = [bytes([b]) for b in piece.encode("utf-8")]
+            while len(parts) > 1:
+                best, best_rank = -1, len(self.ranks)
+                for i in range(len(parts) - 1):
+                    rank = self.ranks.get(parts[i] + parts[i + 1])
+                    # a pair is drawn for only when it would win: the same distribution, fewer draws
+                    if rank is not None and rank < best_rank and not (p and rng.random() < p):
+                        best, best_rank = i, rank
+                if best < 0:
+                    break
+                parts[best:best + 2] = [parts[best] + parts[best + 1]]
+            ids.extend(self.ranks[x] for x in parts)
+        return np.asarray(ids, dtype=self.dtype)
 
     def to_meta(self) -> dict[str, Any]:
         return {"kind": "bpe", "ranks_file": BPE_RANKS_FILE, "pattern": self.pattern,

@@ -48,6 +48,8 @@ class TrainConfig(GPTConfig):
     # where things are
     out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
+    train_split: str = opt("train", "the token file training steps draw windows from: train, or train_dropout (several "
+                                    "random segmentations of train: prepare.py --bpe_dropout)")
     init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt, with out_dir/config.json)")
     overwrite: bool = opt(False, "let a scratch run replace the checkpoints already in out_dir")
     # batches
@@ -100,6 +102,7 @@ class TrainConfig(GPTConfig):
 
 
 CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"),
+           "train_split": ("train", "train_dropout"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
@@ -285,9 +288,12 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.out_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-        self.meta = read_data_meta(self.data_dir)
+        self.meta = read_data_meta(self.data_dir, cfg.train_split)
+        # the estimates read train and val; the steps read train_split (train, or its random segmentations)
         self.batches = {s: Batches(self.data_dir, s, self.meta["dtype"], cfg.block_size, cfg.batch_size, self.device)
                         for s in ("train", "val")}
+        self.step_batches = self.batches.get(cfg.train_split) or Batches(
+            self.data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size, self.device)
         self.teacher_runs = [r.strip() for r in cfg.distill_from.split(",") if r.strip()]
         self.teacher = Teacher(self.teacher_runs, self.meta, cfg.block_size, self.device) if self.teacher_runs else None
         if cfg.init_from == "scratch" and not cfg.overwrite and any((self.out_dir / f).is_file() for f in FILES.values()):
@@ -316,7 +322,7 @@ class Trainer:
                       "tokens_seen": 0, "train_seconds": 0.0, "best_ema_val_loss": float("inf"), "best_ema_iter": -1}
         if cfg.init_from == "resume":
             self.resume(model_cfg)
-        self.loader = Loader(self.batches["train"], self.gen)  # after resume: where the saved stream stands
+        self.loader = Loader(self.step_batches, self.gen)  # after resume: where the saved stream stands
 
         self.model: torch.nn.Module = self.raw_model
         self.compiled = CompiledWithFallback(self.raw_model) if cfg.compile else None

@@ -236,6 +236,28 @@ def test_custom_book_and_stale_test_split(tmp_path: Path, capsys: pytest.Capture
     assert meta["splits"]["train"]["chars"] + meta["splits"]["val"]["chars"] == len(story())
 
 
+def test_bpe_dropout_writes_random_segmentations_of_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = book_file(tmp_path, story(2000))
+    meta = P.prepare(cfg(tmp_path, input=path, tokenizer="bpe", vocab_size=300, bpe_dropout=0.2, dropout_copies=3))
+    out = tmp_path / "out"
+    tok = load_tokenizer(out)
+    train = tok.decode(np.fromfile(out / "train.bin", dtype=meta["dtype"]))
+    drop = np.fromfile(out / "train_dropout.bin", dtype=meta["dtype"])
+    assert meta["train_dropout"] == {"bpe_dropout": 0.2, "copies": 3, "tokens": len(drop)}
+    assert tok.decode(drop) == train * 3  # three segmentations of the train split, one after another
+    assert len(drop) > 3 * meta["splits"]["train"]["tokens"]  # each with fewer merges than encode's
+    assert "3 segmentations of train with BPE dropout 0.2" in capsys.readouterr().out
+    first = (out / "train_dropout.bin").read_bytes()
+    P.prepare(cfg(tmp_path, input=path, tokenizer="bpe", vocab_size=300, bpe_dropout=0.2, dropout_copies=3))
+    assert (out / "train_dropout.bin").read_bytes() == first  # the same file every time
+    meta = P.prepare(cfg(tmp_path, input=path, tokenizer="bpe", vocab_size=300))
+    assert not (out / "train_dropout.bin").exists() and "train_dropout" not in meta  # no stale file
+    for bad in ({"tokenizer": "char", "bpe_dropout": 0.1}, {"tokenizer": "bpe", "bpe_dropout": 1.0},
+                {"tokenizer": "bpe", "bpe_dropout": 0.1, "dropout_copies": 0}):
+        with pytest.raises(UserError, match="--bpe_dropout needs --tokenizer=bpe"):
+            P.prepare(cfg(tmp_path, input=path, **bad))
+
+
 def test_encoding_option_reads_cp1252(tmp_path: Path) -> None:
     path = book_file(tmp_path, story().replace("—", "-").encode("cp1252"))
     meta = P.prepare(cfg(tmp_path, input=path, encoding="cp1252"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,27 @@ def test_bpe_round_trip(small_bpe: T.BPETokenizer, text: str) -> None:
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == text
     assert tok.decode_bytes(ids) == text.encode("utf-8")
+
+
+def test_bpe_dropout_segments_at_random_and_decodes_back(small_bpe: T.BPETokenizer, book: str) -> None:
+    tok, text = small_bpe, book[300_000:340_000]  # text the BPE did not learn from
+    # no dropout: tiktoken's tokens, piece for piece (the same split pattern, the same merge order)
+    assert np.array_equal(tok.encode_dropout(text, 0.0, random.Random(0)), tok.encode_array(text))
+    a, b = (tok.encode_dropout(text, 0.1, random.Random(seed)) for seed in (1, 2))
+    assert tok.decode(a) == text and tok.decode(b) == text and not np.array_equal(a, b)
+    # fewer merges: more, shorter tokens, and more of them the higher the rate
+    n = len(tok.encode(text))
+    assert n < len(a) < len(tok.encode_dropout(text, 0.5, random.Random(1))) < len(text.encode("utf-8"))
+    assert np.array_equal(tok.encode_dropout(text, 0.1, random.Random(1)), a)  # a seed gives one segmentation
+    assert list(tok.encode_dropout(text, 1.0, random.Random(0))) == list(text.encode("utf-8"))  # no merge at all
+    with pytest.raises(UserError, match=r"BPE dropout must be in \[0, 1\]"):
+        tok.encode_dropout(text, 1.5, random.Random(0))
+
+
+@settings(max_examples=100)
+@given(st.text(), st.floats(0, 1))
+def test_bpe_dropout_round_trip(small_bpe: T.BPETokenizer, text: str, p: float) -> None:
+    assert small_bpe.decode(small_bpe.encode_dropout(text, p, random.Random(0))) == text
 
 
 @given(st.text())

@@ -140,6 +140,41 @@ def test_muon_wsd_and_modern_architecture_train(tiny_char_data: Path, tmp_path: 
     assert len(load_checkpoint(out / "ckpt.pt")["optimizer"]) == 2  # AdamW + Muon both saved
 
 
+def test_value_embeddings_skips_and_zero_init_train_and_resume_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
+    kw = dict(value_embeds=1, unet_skips=True, zero_init=True, learning_rate=3e-3, lr_decay_iters=40, eval_interval=20)
+    run(tiny_char_data, tmp_path / "straight", max_iters=40, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=20, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=40, init_from="resume", **kw)
+    evals = records(tmp_path / "straight", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    def losses(out: Path) -> list[tuple]:
+        return [(r["iter"], r["loss"]) for r in records(out, "train")]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bit-identical, step for step
+    ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert {"value_embeds.0.weight", "skip_weights"} <= set(ckpt["model"])
+    assert not torch.equal(ckpt["model"]["skip_weights"], torch.ones(1))  # learned
+
+
+def test_training_steps_can_read_random_segmentations_of_train(book_text: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from prepare import PrepareConfig, prepare
+
+    src = tmp_path / "book.txt"
+    src.write_text(book_text[:100_000], encoding="utf-8")
+    for name, dropout in (("data", 0.1), ("plain", 0.0)):
+        prepare(PrepareConfig(tokenizer="bpe", vocab_size=300, input=str(src), out_dir=str(tmp_path / name),
+                              bpe_dropout=dropout, dropout_copies=2))
+    read = []
+    real_get = batches.Batches.get
+    monkeypatch.setattr(batches.Batches, "get", lambda self, gen: read.append(self.path.name) or real_get(self, gen))
+    run(tmp_path / "data", tmp_path / "run", max_iters=10, eval_interval=10, train_split="train_dropout")
+    # the steps read the segmentations (one batch drawn ahead); the estimates read train and val as always
+    assert set(read) == {"train_dropout.bin", "train.bin", "val.bin"} and read.count("train_dropout.bin") == 11
+    with pytest.raises(UserError, match="has no train_dropout.bin; write it with python prepare.py --bpe_dropout=0.1"):
+        run(tmp_path / "plain", tmp_path / "x", train_split="train_dropout")
+
+
 def test_distill_loss_mixes_the_text_and_the_teachers_cross_entropy() -> None:
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 5, 7), torch.randint(7, (2, 5))
