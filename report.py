@@ -256,24 +256,24 @@ def print_summary(ev: dict[str, Any]) -> None:
     print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
     for row in side_by_side(splits):
         print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
+    def row(label: str, bpb: float, note: str = "") -> None:
+        print(f"  {label:<36} {bpb:>16.4f}" + (f"   ({note})" if note else ""))
+
     if ev.get("dynamic"):
         dyn = ev["dynamic"]
-        print(f"  {'bpb, dynamic evaluation (' + dynamic_label(dyn) + ')':<36} {dyn['bpb']:>16.4f}"
-              f"   (chosen on val: {', '.join(f'{k} {v:.4f}' if v is not None else f'{k} diverged' for k, v in dyn['val_bpb_by_lr'].items())})")
+        row(f"bpb, dynamic evaluation ({dynamic_label(dyn)})", dyn["bpb"], "chosen on val: " + ", ".join(
+            f"{k} {v:.4f}" if v is not None else f"{k} diverged" for k, v in dyn["val_bpb_by_lr"].items()))
         if dyn.get("mixture"):
-            print(f"  {'bpb, dynamic evaluation and n-gram (' + mixture_label(dyn['mixture']) + ')':<36} "
-                  f"{dyn['mixture']['bpb']:>16.4f}")
+            row(f"bpb, dynamic evaluation and n-gram ({mixture_label(dyn['mixture'])})", dyn["mixture"]["bpb"])
     if ev.get("mixture"):
         mix = ev["mixture"]
-        print(f"  {'bpb, mixed with an n-gram (' + mixture_label(mix) + ')':<36} {mix['bpb']:>16.4f}"
-              f"   (chosen on val: {', '.join(f'order {k} {v:.4f}' for k, v in mix['val_bpb_by_order'].items())})")
+        row(f"bpb, mixed with an n-gram ({mixture_label(mix)})", mix["bpb"],
+            "chosen on val: " + ", ".join(f"order {k} {v:.4f}" for k, v in mix["val_bpb_by_order"].items()))
     if ev.get("ensemble"):
         ens = ev["ensemble"]
-        print(f"  {'bpb, ensemble (' + ensemble_label(ens) + ')':<36} {ens['bpb']:>16.4f}"
-              f"   (runs alone: {', '.join(f'{b:.4f}' for b in ens['runs_bpb'])})")
+        row(f"bpb, ensemble ({ensemble_label(ens)})", ens["bpb"], "runs alone: " + ", ".join(f"{b:.4f}" for b in ens["runs_bpb"]))
         if ens.get("mixture"):
-            print(f"  {'bpb, ensemble and n-gram (' + mixture_label(ens['mixture']) + ')':<36} "
-                  f"{ens['mixture']['bpb']:>16.4f}")
+            row(f"bpb, ensemble and n-gram ({mixture_label(ens['mixture'])})", ens["mixture"]["bpb"])
     if ev.get("baselines"):
         print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
         for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
