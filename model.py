@@ -346,12 +346,13 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         n, k = self.config.n_layer, self.config.value_embeds
-        ves = [self.value_embeds[i](idx) for i in range(k)]
+        tables = [t(idx) for t in self.value_embeds]
+        ves = tables + [None] * (n - 2 * k) + tables  # block i's value embedding: the first k and the last k
         skips = []
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= n - len(self.skip_weights):
                 x = x + self.skip_weights[n - 1 - i] * skips[n - 1 - i]
-            x = block(x, rope, cache, i, ves[i] if i < k else ves[i - n + k] if i >= n - k else None)
+            x = block(x, rope, cache, i, ves[i])
             if self.skip_weights is not None and i < len(self.skip_weights):
                 skips.append(x)
         if cache is not None:

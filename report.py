@@ -256,6 +256,7 @@ def print_summary(ev: dict[str, Any]) -> None:
     print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
     for row in side_by_side(splits):
         print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
+
     def row(label: str, bpb: float, note: str = "") -> None:
         print(f"  {label:<36} {bpb:>16.4f}" + (f"   ({note})" if note else ""))
 
