@@ -225,8 +225,8 @@ class BPETokenizer(TiktokenTokenizer):
         """One random segmentation of `text` (BPE-dropout, Provilkov et al., 2020): the text is split as
         encode splits it and each piece is merged as tiktoken merges it, lowest rank first, except that
         at every step each merge that could be made is skipped with probability p. p = 0 gives encode's
-        tokens; p = 1 gives bytes. Decodes to `text` whatever p is. Plain Python: about a second per
-        100,000 characters."""
+        tokens; p = 1 gives bytes. Decodes to `text` whatever p is. Plain Python, far slower than
+        encode (tiktoken's Rust), meant for preparing data once."""
         if not 0.0 <= p <= 1.0:
             raise UserError(f"BPE dropout must be in [0, 1], got {p}")
         _utf8(text)
