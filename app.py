@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from checkpoint import FILES, checkpoint_path, load_for_inference, newest_run
 from common import read_metrics, records_of, resolve_device, resolve_dtype
 from config import UserError, cli, opt, parse_config
-from sample import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, check_sampling, encode_prompt, stream_text
+from sample import MAX_NEW_TOKENS, TOP_K, TOP_P, check_sampling, encode_prompt, run_temperature, stream_text
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).
@@ -120,6 +120,12 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
         except UserError as e:
             return f"**{run}**: cannot load ({e})"
 
+    def own_temperature(run: str) -> Any:  # the slider moves to a run's own temperature when it is chosen
+        try:
+            return gr.Slider(value=run_temperature(run, cfg.ckpt))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
     def generate(run: str, prompt: str, max_new_tokens: float, temperature: float, top_k: float,
                  top_p: float, seed: float | None) -> Iterator[str]:
         if not prompt:
@@ -160,7 +166,8 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
             with gr.Column(scale=1):
                 length = gr.Slider(1, cfg.max_tokens_limit, value=min(cfg.max_new_tokens, cfg.max_tokens_limit),
                                    step=1, label="Max new tokens")
-                temperature = gr.Slider(0, 2, value=TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+                temperature = gr.Slider(0, 2, value=run_temperature(cfg.out_dir, cfg.ckpt), step=0.05,
+                                        label="Temperature (0 = greedy; starts at the run's own)", elem_id="temperature")
                 top_k = gr.Slider(0, 200, value=TOP_K, step=1, label="Top-k (0 = off)")
                 top_p = gr.Slider(0.05, 1, value=TOP_P, step=0.01, label="Top-p (1 = off)")
                 seed = gr.Number(1, precision=0, label="Seed (the same seed gives the same text)")
@@ -171,6 +178,7 @@ def build(cfg: AppConfig, runs: Runs) -> Any:
                          api_name="generate", concurrency_limit=cfg.concurrency)
         stop.click(None, cancels=[event])
         run.change(facts, run, info, api_visibility="private")
+        run.change(own_temperature, run, temperature, api_visibility="private")
         # A run trained after the page started appears on reload.
         demo.load(lambda r: gr.Dropdown(choices=runs.choices(), value=r), run, run, api_visibility="private")
     return demo.queue(max_size=cfg.queue_size)
@@ -187,6 +195,7 @@ def main(argv: list[str]) -> None:
     cfg.out_dir = str(Path(cfg.out_dir) if cfg.out_dir else newest_run(cfg.runs_dir))  # one spelling, as find_runs writes it
     runs = Runs(cfg)
     model, _ = runs.get(cfg.out_dir)  # a bad run is a clear error now, not a broken page later
+    run_temperature(cfg.out_dir, cfg.ckpt)  # and so is a damaged sampling.json
     # Before gradio is imported: it reads these once. The page must not phone home or need the internet.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_SSR_MODE", "False")

@@ -17,6 +17,9 @@
    longest span found verbatim in the training text), style (distances to the book's statistics) and
    themes (who and where it names, what it talks about; against its own prompt and a shuffled-prompt
    control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
+   --temperature=A,B,... first continues val prompts at each and keeps the highest temperature whose
+   samples stay within both caps (sample.py: copying and misspelling against the real continuations),
+   saved as the run's own (sampling.json) for sample.py, app.py and later evaluations.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
 Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots (report.py), atomically; for
@@ -43,8 +46,8 @@ from common import autocast, likelihood_figures, read_metrics, records_of, resol
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from mixture import ensemble, ngram_mixture, parse_orders
 from report import output_names, plot_bpb, plot_curves, print_summary, write_report
-from sample import TEMPERATURE, TOP_K, TOP_P, check_sampling
-from textstats import TrainIndex, memorisation, style_distance, style_stats, themes
+from sample import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file
+from textstats import COPY_CAP, MISSPELL_CAP, TrainIndex, memorisation, style_distance, style_stats, themes
 from tokenizer import read_meta
 
 @dataclass
@@ -75,7 +78,9 @@ class EvalConfig:
     num_prompts: int = opt(8, "held-out prompts to continue for the memorisation/style checks (0 = skip)")
     prompt_chars: int = opt(200, "characters per prompt")
     gen_tokens: int = opt(500, "tokens generated per prompt")
-    temperature: float = opt(TEMPERATURE, "sampling temperature (sample.py's default)")
+    temperature: str = opt("auto", "sampling temperature: auto = the run's own (sample.py's default); several, "
+                                   "comma-separated: each is tried on val prompts, the highest within the copy and "
+                                   "misspelling caps is used on the headline split and saved as the run's own")
     top_k: int = opt(TOP_K, "top-k sampling, 0 = off (sample.py's default)")
     top_p: float = opt(TOP_P, "nucleus sampling, 1 = off (sample.py's default)")
     seed: int = opt(1, "seed for prompt positions and sampling")
@@ -285,28 +290,92 @@ def read_split(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
     return np.array(np.memmap(path, dtype=meta["dtype"], mode="r"), dtype=np.int64)
 
 
-def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, train_text: str, split_text: str,
-                      n_tokens: int, device: str, dtype: str, timings: dict[str, float],
-                      log: Callable[[str], None]) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, Any]]:
+def continue_prompts(cfg: EvalConfig, model: torch.nn.Module, tok: Any, text: str, n_tokens: int, temperature: float,
+                     device: str, dtype: str) -> tuple[list[str], list[str], list[str]]:
+    """num_prompts prompts spread over `text` (of n_tokens tokens), continued at `temperature`: the prompts
+    as fed, the generated continuations, and the real ones of the same length."""
+    room = int(1.5 * cfg.gen_tokens * len(text) / n_tokens)
+    starts = pick_prompts(text, cfg.num_prompts, cfg.prompt_chars, room, cfg.seed)
+    prompts = [text[s:s + cfg.prompt_chars] for s in starts]
+    fed, gens = generate_continuations(model, tok, prompts, cfg.gen_tokens, temperature, cfg.top_k, cfg.top_p,
+                                       cfg.seed, device, dtype)
+    return fed, gens, [text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
+
+
+def judge(index: TrainIndex, gens: list[str], refs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Memorisation and style of the generated continuations, beside the real ones'."""
+    mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
+    style = {"generated": style_stats(gens, index.vocab_lower), "reference": style_stats(refs, index.vocab_lower)}
+    return mem, style
+
+
+def against_caps(mem: dict[str, Any], style: dict[str, Any]) -> dict[str, float]:
+    """How many times the real continuations' rate the generated text copies 30-character spans of the
+    training text and writes words never seen there (mostly misspellings); 1 = the real text's rate."""
+    def ratio(generated: float, real: float) -> float:
+        return generated / real if real else (1.0 if not generated else math.inf)
+    return {"copy_ratio": ratio(mem["generated"]["char30_share"], mem["reference"]["char30_share"]),
+            "misspell_ratio": ratio(style["generated"]["unknown_word_share"], style["reference"]["unknown_word_share"])}
+
+
+def choose_temperature(trials: list[dict[str, float]]) -> dict[str, float]:
+    """The highest temperature whose samples stay within both caps: the model's own distribution as far as it
+    goes without copying the book or misspelling too much. If none does, the one nearest the caps."""
+    within = [t for t in trials if t["copy_ratio"] <= COPY_CAP and t["misspell_ratio"] <= MISSPELL_CAP]
+    if within:
+        return max(within, key=lambda t: t["temperature"])
+    return min(trials, key=lambda t: max(t["copy_ratio"] / COPY_CAP, t["misspell_ratio"] / MISSPELL_CAP))
+
+
+def sampling_temperature(cfg: EvalConfig, model: torch.nn.Module, tok: Any, index: TrainIndex, val_text: str,
+                         val_tokens: int, out_dir: Path, device: str, dtype: str, timings: dict[str, float],
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    """The temperature of the generation checks: --temperature's value, or the run's own (auto), or with
+    several values each tried on val prompts and the choice saved as the run's own (sampling.json)."""
+    temperatures = parse_temperatures(cfg.temperature)
+    if len(temperatures) == 1:
+        return {"temperature": temperatures[0], "source": "--temperature"}
+    if not temperatures:
+        own = sampling_file(out_dir, cfg.ckpt).is_file()
+        return {"temperature": run_temperature(out_dir, cfg.ckpt), "source": "the run's own" if own else "the default"}
+    t0 = time.perf_counter()
+    trials = []
+    for t in temperatures:
+        log(f"continuing {cfg.num_prompts} val prompts at temperature {t:g}...")
+        _, gens, refs = continue_prompts(cfg, model, tok, val_text, val_tokens, t, device, dtype)
+        trials.append({"temperature": t, **against_caps(*judge(index, gens, refs))})
+        log(f"  copies {trials[-1]['copy_ratio']:.2f}x and misspells {trials[-1]['misspell_ratio']:.2f}x "
+            "as often as the real continuations")
+    chosen = choose_temperature(trials)
+    record = {"temperature": chosen["temperature"], "chosen_on": "val", "num_prompts": cfg.num_prompts,
+              "gen_tokens": cfg.gen_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed,
+              "caps": {"copy_ratio": COPY_CAP, "misspell_ratio": MISSPELL_CAP},
+              "within_caps": chosen["copy_ratio"] <= COPY_CAP and chosen["misspell_ratio"] <= MISSPELL_CAP,
+              "trials": trials}
+    path = sampling_file(out_dir, cfg.ckpt)
+    try:
+        atomic_write_json(path, record)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    log(f"temperature {chosen['temperature']:g} chosen on val, saved as the run's own: {path}")
+    timings["temperature on val"] = time.perf_counter() - t0
+    return {**record, "source": "chosen on val"}
+
+
+def judge_generations(cfg: EvalConfig, model: torch.nn.Module, tok: Any, index: TrainIndex, train_text: str,
+                      split_text: str, n_tokens: int, temperature: float, device: str, dtype: str,
+                      timings: dict[str, float], log: Callable[[str], None]
+                      ) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, Any]]:
     """Continue num_prompts held-out prompts; the samples, and memorisation and style statistics of the
     generated continuations beside the real ones (textstats.py)."""
     t0 = time.perf_counter()
-    chars_per_token = len(split_text) / n_tokens
-    starts = pick_prompts(split_text, cfg.num_prompts, cfg.prompt_chars, int(1.5 * cfg.gen_tokens * chars_per_token),
-                          cfg.seed)
-    prompts = [split_text[s:s + cfg.prompt_chars] for s in starts]
-    log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens...")
-    fed, gens = generate_continuations(model, tok, prompts, cfg.gen_tokens, cfg.temperature, cfg.top_k,
-                                       cfg.top_p, cfg.seed, device, dtype)
+    log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens at temperature {temperature:g}...")
+    fed, gens, refs = continue_prompts(cfg, model, tok, split_text, n_tokens, temperature, device, dtype)
     timings["generation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    refs = [split_text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
     samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
-    index = TrainIndex(train_text)
-    mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
-    book = style_stats([train_text], index.vocab_lower)
-    style = {"book": book, "generated": style_stats(gens, index.vocab_lower),
-             "reference": style_stats(refs, index.vocab_lower)}
+    mem, style = judge(index, gens, refs)
+    style["book"] = book = style_stats([train_text], index.vocab_lower)
     style["generated_distance"] = style_distance(style["generated"], book)
     style["reference_distance"] = style_distance(style["reference"], book)
     style["themes"] = themes(gens, refs, train_text, cfg.seed)
@@ -406,6 +475,17 @@ def parse_lrs(text: str, key: str = "dynamic_lr", keep_zero: bool = False) -> li
     return [lr for lr in lrs if lr > 0 or keep_zero]
 
 
+def parse_temperatures(text: str) -> list[float]:
+    """--temperature's values; none for auto (the run's own)."""
+    if text.strip().lower() == "auto":
+        return []
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"bad value for 'temperature': {text!r}; use auto, a number such as 0.8, or several: "
+                        "0.6,0.7,0.8,0.9") from None
+
+
 def check_settings(cfg: EvalConfig) -> None:
     if cfg.split not in ("val", "test"):
         raise UserError(f"bad value for 'split': {cfg.split!r}; use val or test")
@@ -421,7 +501,10 @@ def check_settings(cfg: EvalConfig) -> None:
     if cfg.num_prompts < 0 or cfg.prompt_chars < 1:
         raise UserError("num_prompts must be >= 0 and prompt_chars >= 1")
     if cfg.num_prompts:
-        check_sampling(cfg.gen_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        for t in parse_temperatures(cfg.temperature):
+            check_sampling(cfg.gen_tokens, t, cfg.top_k, cfg.top_p)
+    elif len(parse_temperatures(cfg.temperature)) > 1:
+        raise UserError("choosing a temperature needs prompts: pass --num_prompts=64 (or more) with it")
 
 
 def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -489,13 +572,18 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         if mixture:  # the ensemble mixed with the n-gram, as the single model above
             ensembled["mixture"] = ngram_mixture(orders, ensemble_nll, tokens, train_tokens, tok.vocab_size, scored,
                                                  cfg.split, timings, log, of="the ensemble", cache=ngram_cache)
-    tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
-    # -- 3. generation, memorisation, style
-    samples, mem, style = [], {}, {}
+    # -- 3. generation, memorisation, style: at a temperature chosen on val prompts when asked to
+    samples, mem, style, sampling = [], {}, {}, {}
     if cfg.num_prompts > 0:
-        samples, mem, style = judge_generations(cfg, model, tok, train_text, split_text, len(tokens), device, dtype,
+        index = TrainIndex(train_text)
+        sampling = sampling_temperature(cfg, model, tok, index, texts["val"], len(tokens["val"]), out_dir, device,
+                                        dtype, timings, log)
+        samples, mem, style = judge_generations(cfg, model, tok, index, train_text, texts[cfg.split],
+                                                len(tokens[cfg.split]), sampling["temperature"], device, dtype,
                                                 timings, log)
+        sampling.update(against_caps(mem, style))  # on the headline split's prompts
+    tokens, split_text = tokens[cfg.split], texts[cfg.split]
 
     # -- 4. curves
     records, _ = read_metrics(out_dir / "metrics.jsonl")
@@ -511,8 +599,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
                  "split_tokens": len(tokens), "split_bytes": len(split_text.encode("utf-8")),
                  "split_chars": len(split_text), "sha256_clean": meta.get("sha256_clean")},
         "settings": {**config_dict(cfg), "stride": stride, "block_size": block_size, "device": device, "dtype": dtype},
-        "likelihood": lk, "dynamic": dynamic, "mixture": mixture, "ensemble": ensembled, "baselines": baselines, "splits": scored, "memorisation": mem,
-        "style": style,
+        "likelihood": lk, "dynamic": dynamic, "mixture": mixture, "ensemble": ensembled, "baselines": baselines,
+        "splits": scored, "sampling": sampling, "memorisation": mem, "style": style,
         "curves": curves,
         "samples": samples, "timings": timings,
     }

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from baselines import baseline_label
 from config import atomic_write_bytes
-from textstats import NAMES
+from textstats import COPY_CAP, MISSPELL_CAP, NAMES
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
@@ -94,6 +94,23 @@ def memo_rows(mem: dict[str, dict]) -> list[tuple[str, str, str]]:
             ("word 8-grams found in train", f"{g['word8_share']:.1%}", f"{r['word8_share']:.1%}"),
             ("longest verbatim span (chars), max", str(g["longest_span"]), str(r["longest_span"])),
             ("longest verbatim span (chars), mean", f"{g['longest_span_mean']:.1f}", f"{r['longest_span_mean']:.1f}")]
+
+
+def caps_line(sampling: dict[str, Any]) -> str:
+    return (f"The samples copy 30-character spans of the training text {sampling['copy_ratio']:.2f}x and misspell "
+            f"{sampling['misspell_ratio']:.2f}x as often as the real continuations (caps: {COPY_CAP:g}x and "
+            f"{MISSPELL_CAP:g}x).")
+
+
+def temperature_table(sampling: dict[str, Any]) -> list[str]:
+    """The temperatures tried on val prompts, when the temperature was chosen there."""
+    if not sampling.get("trials"):
+        return []
+    rows = [(f"{t['temperature']:g}" + (" (chosen)" if t["temperature"] == sampling["temperature"] else ""),
+             f"{t['copy_ratio']:.2f}x", f"{t['misspell_ratio']:.2f}x") for t in sampling["trials"]]
+    return [f"The temperature was chosen on {sampling['num_prompts']} val prompts: the highest whose samples stay "
+            "within both caps (or, if none does, the nearest), saved as the run's own for sample.py and app.py.", "",
+            _md_table(("temperature", "copies vs real (val)", "misspells vs real (val)"), rows), ""]
 
 
 def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
@@ -216,11 +233,13 @@ def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> 
     else:
         md += ["No evaluations in metrics.jsonl.", ""]
     if ev.get("samples"):
-        s = ev["settings"]
+        s, sampling = ev["settings"], ev["sampling"]
         md += ["## Memorisation", "",
                f"{len(ev['samples'])} prompts of {s['prompt_chars']} characters from the {data['split']} split, "
-               f"continued by {s['gen_tokens']} tokens (temperature {s['temperature']}, top_k {s['top_k']}, "
-               f"top_p {s['top_p']}, seed {s['seed']}), against the real continuation of the same length.", "",
+               f"continued by {s['gen_tokens']} tokens (temperature {sampling['temperature']:g}: "
+               f"{sampling['source']}; top_k {s['top_k']}, top_p {s['top_p']}, seed {s['seed']}), against the real "
+               f"continuation of the same length. {caps_line(sampling)}", "",
+               *temperature_table(sampling),
                _md_table(("measure", "generated", "real continuation"), memo_rows(ev["memorisation"])), "",
                "Longest verbatim span in the generated text:", "",
                _fence(ev["memorisation"]["generated"]["longest_span_text"]), "",
@@ -281,6 +300,8 @@ def print_summary(ev: dict[str, Any]) -> None:
             verdict = "model better" if lk["bpb"] < v["bpb"] else "model worse"
             print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
     if ev.get("samples"):
+        print(f"at temperature {ev['sampling']['temperature']:g} ({ev['sampling']['source']}): "
+              f"{caps_line(ev['sampling'])}")
         print(f"{'memorisation':<38} {'generated':>10} {'real':>10}")
         for row in memo_rows(ev["memorisation"]):
             print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10}")

@@ -4,11 +4,13 @@
     python sample.py --out_dir=out/wp_bpe_cpu --prompt="Prince Andrew" --num_samples=3
     python sample.py --out_dir=out/wp_bpe_cpu --prompt_file=prompt.txt --temperature=0
 
-temperature=0 is greedy decoding (always the most likely token); top_k=0 and top_p=1 are off.
+temperature=0 is greedy decoding (always the most likely token); top_k=0 and top_p=1 are off. The
+default temperature is the run's own when evaluate.py has chosen one on val prompts, else 0.9.
 """
 from __future__ import annotations
 
 import codecs
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,15 @@ from model import GPT
 from common import autocast, resolve_device, resolve_dtype
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
-# The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: temperature
-# 0.9, no top-k or top-p truncation. On the BPE-2048 preset this copies training text at the real
-# text's rate and misspells about as often as the book does; top-k 50 / top-p 0.95 made the 4-layer
-# preset copy 2.5-3.6x as much (docs/log.md, "BPE-2048 becomes the preset"). A char model reads
-# better truncated: --temperature=0.8 --top_k=50 --top_p=0.95.
+# The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: no top-k or
+# top-p truncation, and temperature 0.9 unless the run has its own. top-k 50 / top-p 0.95 made BPE
+# models copy 2.5-3.6x as much training text as real text does (docs/log.md, "BPE-2048 becomes the
+# preset"). The right temperature depends on how far the model trained: at 0.9 the BPE recipe's full
+# budget (about 1,800 steps) copies and misspells at about the real text's rates, and 600 steps
+# misspell 3x as often. So `evaluate.py --temperature=0.6,0.7,0.8,0.9` tries several on val prompts
+# and saves the highest within both caps (textstats.py) as the run's own, in sampling.json beside its
+# checkpoint, which every tool then uses by default. A char model reads better truncated:
+# --temperature=0.8 --top_k=50 --top_p=0.95.
 TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 
 
@@ -39,7 +45,8 @@ class SampleConfig:
     prompt_file: str = opt("", "read the prompt from this file instead")
     num_samples: int = opt(3, "how many continuations")
     max_new_tokens: int = opt(500, "tokens to generate per sample")
-    temperature: float = opt(TEMPERATURE, "softmax temperature; 0 = greedy")
+    temperature: str = opt("auto", "softmax temperature; 0 = greedy; auto = the run's own, which evaluate.py "
+                                   f"chose on val prompts (sampling.json), else {TEMPERATURE}")
     top_k: int = opt(TOP_K, "sample among the k most likely tokens (0 = off)")
     top_p: float = opt(TOP_P, "nucleus sampling: smallest set with this much probability (1 = off)")
     seed: int = opt(1, "random seed: the same seed gives the same samples")
@@ -56,6 +63,37 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def sampling_file(out_dir: str | Path, ckpt: str = "best") -> Path:
+    """Where a run keeps the sampling temperature chosen for one of its checkpoints."""
+    return Path(out_dir) / ("sampling.json" if ckpt == "best" else f"sampling_{ckpt}.json")
+
+
+def run_temperature(out_dir: str | Path, ckpt: str = "best") -> float:
+    """The run's own temperature (chosen on val prompts by evaluate.py), else the default."""
+    path = sampling_file(out_dir, ckpt)
+    try:
+        temperature = json.loads(path.read_text(encoding="utf-8"))["temperature"]
+    except FileNotFoundError:
+        return TEMPERATURE
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"cannot read the sampling temperature in {path}: delete it (or rerun evaluate.py "
+                        "--temperature=A,B,...) to choose again") from None
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise UserError(f"{path} holds a bad temperature ({temperature!r}): delete it to use {TEMPERATURE}")
+    return float(temperature)
+
+
+def parse_temperature(text: str, out_dir: str | Path, ckpt: str = "best") -> float:
+    """A --temperature value: a number, or auto (the run's own)."""
+    if str(text).strip().lower() == "auto":
+        return run_temperature(out_dir, ckpt)
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"bad value for 'temperature': {text!r}; use a number such as 0.8 (0 = greedy) "
+                        "or auto") from None
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -102,20 +140,23 @@ def main(argv: list[str]) -> None:
             raise UserError(f"prompt file {path} is not UTF-8 text") from None
         except IsADirectoryError:
             raise UserError(f"prompt file {path} is a folder, not a file") from None
-    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_sampling(cfg.max_new_tokens, TEMPERATURE, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
     device = resolve_device(cfg.device)
     model, info = load_for_inference(cfg.out_dir, cfg.ckpt, device)
+    temperature = parse_temperature(cfg.temperature, info["out_dir"], cfg.ckpt)
+    check_sampling(cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p)
     tokenizer = info["tokenizer"]
     encode_prompt(tokenizer, prompt)  # fail on a bad prompt before printing anything
-    print(f"sampling from {info['path']} (step {info['iter_num']:,})", file=sys.stderr, flush=True)
+    print(f"sampling from {info['path']} (step {info['iter_num']:,}) at temperature {temperature:g}",
+          file=sys.stderr, flush=True)
     dtype = resolve_dtype(cfg.dtype, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = sys.stdout
     for i in range(cfg.num_samples):
         out.write(f"---------- sample {i + 1} of {cfg.num_samples}\n{prompt}")
-        for piece in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+        for piece in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, temperature, cfg.top_k,
                                  cfg.top_p, dtype=dtype, generator=gen):
             out.write(piece)
             out.flush()

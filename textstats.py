@@ -18,6 +18,9 @@ from baselines import find_sorted
 # ----------------------------------------------------------------------------- memorisation
 
 WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes (don’t)
+# The caps generated text is held to, as multiples of the real continuations' rates: 30-character spans
+# found in the training text (copying), and words never seen there (mostly misspellings).
+COPY_CAP, MISSPELL_CAP = 2.0, 1.5
 _BASE = 0x9E3779B97F4A7C15  # odd, so it is invertible mod 2**64
 _BASE_INV = pow(_BASE, -1, 1 << 64)
 

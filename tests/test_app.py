@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SSR_MODE": "False", "HF_HUB_OFFLINE": "1",
                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+OWN_TEMPERATURE = 0.35  # the second run's, as evaluate.py --temperature=A,B,... saves it
 NEW = 200  # tokens per request: long enough that the stream arrives in several pieces
 
 
@@ -49,6 +51,8 @@ def require(playwright: bool = False) -> None:
 def runs_dir(tiny_char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("app") / "out"
     train(parse_config(TrainConfig, tiny_train_args(tiny_char_data, root / "tiny", max_iters=20, learning_rate=3e-3)))
+    own = Path(shutil.copytree(root / "tiny", root / "tiny_own"))  # the same model with a temperature of its own
+    (own / "sampling.json").write_text(json.dumps({"temperature": OWN_TEMPERATURE, "chosen_on": "val"}), encoding="utf-8")
     return root
 
 
@@ -175,6 +179,16 @@ def test_page_in_headless_chromium(server: str, runs_dir: Path, tmp_path: Path) 
             lengths = page.evaluate("window.lengths")
             assert any(0 < n < len(text) for n in lengths), "the text arrived all at once, not streamed"
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+            # another run with a temperature of its own: the slider moves to it, and the page samples at it
+            temperature = page.locator("#temperature input[type=number]")
+            expect(temperature).to_have_value("0.9")
+            page.get_by_role("combobox", name="Run").click()
+            page.get_by_role("option", name=str(runs_dir / "tiny_own")).click()
+            expect(temperature).to_have_value(str(OWN_TEMPERATURE))
+            page.locator("#generate").click()
+            expect(output).to_have_value(expected_text(runs_dir / "tiny_own", prompt, NEW, 1, OWN_TEMPERATURE),
+                                         timeout=60_000)
 
             page.locator("#prompt textarea").fill("")  # a bad request shows a message in the page
             page.locator("#generate").click()

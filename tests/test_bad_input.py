@@ -266,6 +266,7 @@ def test_checkpoints_that_are_not_ours_or_not_this_version(error_line, run_dir: 
     (["--top_k=-1"], "top_k must be >= 0 (0 = off), got -1"),
     (["--top_p=1.5"], "top_p must be in (0, 1] (1 = off), got 1.5"),
     (["--temperature=-0.1"], "temperature must be >= 0 (0 = greedy), got -0.1"),
+    (["--temperature=hot"], "bad value for 'temperature': 'hot'; use a number such as 0.8 (0 = greedy) or auto"),
     (["--max_new_tokens=-5"], "max_new_tokens must be between 1 and 100,000, got -5"),
     (["--device=tpu"], "unknown device 'tpu'"),
     (["--ckpt=final"], "unknown checkpoint 'final': use best, latest, ema"),
@@ -273,6 +274,15 @@ def test_checkpoints_that_are_not_ours_or_not_this_version(error_line, run_dir: 
 ])
 def test_sample_bad_requests(error_line, run_dir: Path, args: list[str], message: str) -> None:
     assert message in error_line(sample.main, f"--out_dir={run_dir}", *args)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"temperature": "hot"}', '{"temperature": -1}', "{}"])
+def test_a_damaged_sampling_file_is_one_clear_line(error_line, run_dir: Path, tmp_path: Path, content: str) -> None:
+    run = copy_run(run_dir, tmp_path)
+    (run / "sampling.json").write_text(content, encoding="utf-8")
+    line = error_line(sample.main, f"--out_dir={run}")
+    assert line.startswith("error: ") and str(run / "sampling.json") in line and "delete it" in line
+    sample.main([f"--out_dir={run}", "--temperature=0.5", "--max_new_tokens=3"])  # a number given: the file is not read
 
 
 @pytest.mark.parametrize("content, message", [

@@ -21,6 +21,7 @@ from config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
 from common import bits_per_byte, read_metrics, records_of
+from tokenizer import load_tokenizer
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,6 +385,55 @@ def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys:
     assert "(lr " + format(dyn["lr"], "g") in capsys.readouterr().out
 
 
+def test_temperature_choice_keeps_the_highest_within_both_caps() -> None:
+    t = lambda temperature, copy, misspell: {"temperature": temperature, "copy_ratio": copy, "misspell_ratio": misspell}
+    trials = [t(0.6, 1.9, 0.9), t(0.7, 0.6, 1.5), t(0.8, 0.2, 2.3), t(0.9, 0.1, 3.3)]
+    assert E.choose_temperature(trials)["temperature"] == 0.7  # 0.6 is within too, but colder
+    assert E.choose_temperature([t(0.7, 3.0, 1.0), t(0.8, 0.5, 2.1)])["temperature"] == 0.8  # none within: 2.1/1.5 < 3/2
+    assert E.choose_temperature([t(0.7, 4.1, 1.0), t(0.8, 0.5, 2.9)])["temperature"] == 0.8  # 2.9/1.5 < 4.1/2
+    mem = lambda g, r: {"generated": {"char30_share": g}, "reference": {"char30_share": r}}
+    style = lambda g, r: {"generated": {"unknown_word_share": g}, "reference": {"unknown_word_share": r}}
+    assert E.against_caps(mem(0.002, 0.001), style(0.03, 0.02)) == pytest.approx({"copy_ratio": 2.0, "misspell_ratio": 1.5})
+    assert E.against_caps(mem(0.0, 0.0), style(0.01, 0.0)) == {"copy_ratio": 1.0, "misspell_ratio": math.inf}
+
+
+def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: tuple[Path, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sample
+    run, data = tiny_eval_run
+    tok = load_tokenizer(data)
+    split_text = {s: tok.decode(np.fromfile(data / f"{s}.bin", dtype=np.uint8)[:100]) for s in ("val", "test")}
+    seen = []  # (split, temperature) of each batch of continuations
+    real = E.continue_prompts
+    def spy(cfg, model, tokenizer, text, *args):
+        seen.append((next(s for s, t in split_text.items() if text.startswith(t)), args[1]))
+        return real(cfg, model, tokenizer, text, *args)
+    monkeypatch.setattr(E, "continue_prompts", spy)
+    args = [f"--out_dir={run}", "--num_prompts=3", "--gen_tokens=60", "--prompt_chars=50", "--baselines=false",
+            "--dtype=float32"]
+    try:
+        ev = E.main(args + ["--temperature=0.3,1.6"])
+        sampling = ev["sampling"]
+        trials = sampling["trials"]
+        assert [t["temperature"] for t in trials] == [0.3, 1.6] and sampling["source"] == "chosen on val"
+        assert sampling["temperature"] == E.choose_temperature(trials)["temperature"]
+        assert seen == [("val", 0.3), ("val", 1.6), ("test", sampling["temperature"])]  # chosen on val, shown on test
+        saved = json.loads((run / "sampling.json").read_text(encoding="utf-8"))
+        assert saved["temperature"] == sampling["temperature"] and saved["chosen_on"] == "val"
+        assert sample.run_temperature(run) == sampling["temperature"]
+        assert {"copy_ratio", "misspell_ratio"} <= set(sampling)  # the test prompts' own ratios, reported
+        report_md = (run / "report.md").read_text(encoding="utf-8")
+        assert "The temperature was chosen on 3 val prompts" in report_md and " (chosen) |" in report_md
+        # later evaluations (and sample.py, app.py) use the run's own temperature: the same samples again
+        again = E.main(args)
+        assert again["sampling"]["source"] == "the run's own" and again["samples"] == ev["samples"]
+        assert seen[-1] == ("test", sampling["temperature"])
+    finally:
+        (run / "sampling.json").unlink(missing_ok=True)
+    assert E.main(args + ["--num_prompts=0"])["sampling"] == {}
+    assert sample.run_temperature(run) == sample.TEMPERATURE
+
+
 @pytest.mark.slow
 def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
@@ -412,6 +462,8 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
                                        ("--dynamic_method=adam", "use sgd or rms"),
                                        ("--mix_ngram=x", "use n-gram orders such as"),
                                        ("--mix_ngram=12", r"orders must be 1..\d+ for a vocabulary of"),
+                                       ("--temperature=hot,cold", "bad value for 'temperature'"),
+                                       ("--temperature=0.7,0.9", "choosing a temperature needs prompts"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run
