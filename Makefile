@@ -27,12 +27,13 @@ test-fast: dev
 	$(PY) -m pytest -q -m "not slow" tests
 
 # prepare the book (prepare.py's defaults: a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
-# evaluate it, and write three samples (a second make demo stops rather than overwrite the trained run: make clean first to retrain)
+# evaluate it (the sampling temperature chosen on val prompts), and write three samples at that temperature
+# (a second make demo stops rather than overwrite the trained run: make clean first to retrain)
 demo: install
 	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
 	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN)
-	$(PY) evaluate.py --out_dir=$(RUN)
+	$(PY) evaluate.py --out_dir=$(RUN) --num_prompts=64 --temperature=0.6,0.7,0.8,0.9
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
 
