@@ -33,7 +33,7 @@ demo: install
 	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
 	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN)
-	$(PY) evaluate.py --out_dir=$(RUN) --num_prompts=64 --temperature=0.6,0.7,0.8,0.9
+	$(PY) evaluate.py --out_dir=$(RUN) --num_prompts=64 --temperature=0.6,0.65,0.7,0.75,0.8,0.9
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
 

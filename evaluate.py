@@ -483,7 +483,7 @@ def parse_temperatures(text: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise UserError(f"bad value for 'temperature': {text!r}; use auto, a number such as 0.8, or several: "
-                        "0.6,0.7,0.8,0.9") from None
+                        "0.6,0.65,0.7,0.75,0.8,0.9") from None
 
 
 def check_settings(cfg: EvalConfig) -> None:

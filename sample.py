@@ -29,7 +29,7 @@ MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
 # models copy 2.5-3.6x as much training text as real text does (docs/log.md, "BPE-2048 becomes the
 # preset"). The right temperature depends on how far the model trained: at 0.9 the BPE recipe's full
 # budget (about 1,800 steps) copies and misspells at about the real text's rates, and 600 steps
-# misspell 3x as often. So `evaluate.py --temperature=0.6,0.7,0.8,0.9` tries several on val prompts
+# misspell 3x as often. So `evaluate.py --temperature=0.6,0.65,0.7,0.75,0.8,0.9` tries several on val prompts
 # and saves the highest within both caps (textstats.py) as the run's own, in sampling.json beside its
 # checkpoint, which every tool then uses by default. A char model reads better truncated:
 # --temperature=0.8 --top_k=50 --top_p=0.95.
