@@ -29,9 +29,9 @@ MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
 # models copy 2.5-3.6x as much training text as real text does (docs/log.md, "BPE-2048 becomes the
 # preset"). The right temperature depends on how far the model trained: at 0.9 the BPE recipe's full
 # budget (about 1,800 steps) copies and misspells at about the real text's rates, and 600 steps
-# misspell 3x as often. So `evaluate.py --temperature=0.6,0.65,0.7,0.75,0.8,0.9` tries several on val prompts
-# and saves the highest within both caps (textstats.py) as the run's own, in sampling.json beside its
-# checkpoint, which every tool then uses by default. A char model reads better truncated:
+# misspell 3x as often. So `evaluate.py --temperature=0.6,0.65,0.7,0.75,0.8,0.9` tries each on val
+# prompts and saves the highest within both caps (textstats.py) as the run's own, in sampling.json
+# beside its checkpoint, which every tool then uses by default. A char model reads better truncated:
 # --temperature=0.8 --top_k=50 --top_p=0.95.
 TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
 
@@ -140,7 +140,6 @@ def main(argv: list[str]) -> None:
             raise UserError(f"prompt file {path} is not UTF-8 text") from None
         except IsADirectoryError:
             raise UserError(f"prompt file {path} is a folder, not a file") from None
-    check_sampling(cfg.max_new_tokens, TEMPERATURE, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {cfg.num_samples}")
     device = resolve_device(cfg.device)
