@@ -254,8 +254,9 @@ def config_changes(run: Run) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return [f"{path} is unreadable"]
     now = config_dict(run.cfg)
-    return [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in now.items()
-            if k not in NOT_COMPARED and saved.get(k) != v]
+    defaults = config_dict(TrainConfig())  # a key the saved config lacks came later, its default the old behaviour
+    return [f"{k}: {saved.get(k, defaults[k])!r} there vs {v!r} now" for k, v in now.items()
+            if k not in NOT_COMPARED and saved.get(k, defaults[k]) != v]
 
 
 # ----------------------------------------------------------------------------- running one training

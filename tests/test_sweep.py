@@ -287,6 +287,12 @@ def test_two_run_sweep_end_to_end_then_skip_and_resume(tiny_char_data: Path, tmp
     # a changed config is not silently mixed with the old results
     with pytest.raises(UserError, match="trained with another config.*max_iters: 20 there vs 30 now"):
         S.main([str(f), f"--out_root={out}", "--max_iters=30"])
+    # a key added to train.py after a run was trained is its default there, which kept the old behaviour
+    saved = out / "tiny" / "lr0.001" / "config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "value_embeds"}))
+    assert S.main([str(f), f"--out_root={out}", "--dry_run=true"]) == 0
+    with pytest.raises(UserError, match="trained with another config.*value_embeds: 0 there vs 1 now"):
+        S.main([str(f), f"--out_root={out}", "--value_embeds=1"])
 
 
 @pytest.mark.slow
