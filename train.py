@@ -44,7 +44,8 @@ from optim import WeightAverage, lr_factor, make_optimizers, optimizer_step, set
 @dataclass
 class TrainConfig(GPTConfig):
     """The model's keys (model.GPTConfig, listed first by --help), then these. The defaults are the
-    recommended CPU recipe (config/wp_bpe_cpu.toml says so with its reasons): `python train.py` trains it."""
+    recommended CPU recipe (config/wp_bpe_cpu.toml says so with its reasons) without its three
+    architecture levers, which are off by default because they depend on the depth."""
     # where things are
     out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
