@@ -43,7 +43,7 @@ from common import CompiledWithFallback, autocast, native_bf16, resolve_device, 
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig, training_flops
 from optim import make_optimizers, optimizer_step
-from sample import SampleConfig
+from sample import TEMPERATURE, TOP_K, TOP_P
 from tokenizer import read_meta
 from batches import Batches
 from train import TrainConfig, forward_backward, train_step, validate
@@ -335,7 +335,6 @@ def bench_sampling(cfg: BenchConfig, device: str) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig.from_dict({**config_dict(cfg), "dropout": 0.0})).to(device).eval()
     dtype = resolve_dtype(cfg.sample_dtype, device)
-    s = SampleConfig()  # sample.py's defaults: temperature, top-k, top-p
     prompt = torch.randint(cfg.vocab_size, (1, cfg.sample_prompt), generator=torch.Generator().manual_seed(cfg.seed))
     prompt = prompt.to(device)
 
@@ -344,7 +343,7 @@ def bench_sampling(cfg: BenchConfig, device: str) -> dict[str, Any]:
         sync(device)
         t0 = time.perf_counter()
         with autocast(device, dtype):
-            out = model.generate(prompt, n, s.temperature, s.top_k or None, s.top_p if s.top_p < 1 else None,
+            out = model.generate(prompt, n, TEMPERATURE, TOP_K or None, TOP_P if TOP_P < 1 else None,
                                  generator=gen, use_cache=use_cache)
         sync(device)
         return out, time.perf_counter() - t0
@@ -369,7 +368,7 @@ def bench_sampling(cfg: BenchConfig, device: str) -> dict[str, Any]:
     exact = device == "cpu" and dtype == "float32"
     tolerance = 1e-3 if dtype == "float32" else 3e-2
     return {"dtype": dtype, "prompt_tokens": cfg.sample_prompt, "new_tokens": cfg.sample_tokens,
-            "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P,  # sample.py's defaults for a run without its own
             "cached_tokens_per_s": cfg.sample_tokens / t_cached, "uncached_tokens_per_s": cfg.sample_tokens / t_uncached,
             "speedup": t_uncached / t_cached, "identical": same, "first_difference": diff,
             "max_logit_error": error, "logit_tolerance": tolerance,
