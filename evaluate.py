@@ -18,7 +18,7 @@
    themes (who and where it names, what it talks about; against its own prompt and a shuffled-prompt
    control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
    --temperature=A,B,... first continues val prompts at each and keeps the highest temperature whose
-   samples stay within both caps (sample.py: copying and misspelling against the real continuations),
+   samples stay within both caps (textstats.py: copying and misspelling against the real continuations),
    saved as the run's own (sampling.json) for sample.py, app.py and later evaluations.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
