@@ -318,10 +318,14 @@ def against_caps(mem: dict[str, Any], style: dict[str, Any]) -> dict[str, float]
             "misspell_ratio": ratio(style["generated"]["unknown_word_share"], style["reference"]["unknown_word_share"])}
 
 
+def within_caps(ratios: dict[str, float]) -> bool:
+    return ratios["copy_ratio"] <= COPY_CAP and ratios["misspell_ratio"] <= MISSPELL_CAP
+
+
 def choose_temperature(trials: list[dict[str, float]]) -> dict[str, float]:
     """The highest temperature whose samples stay within both caps: the model's own distribution as far as it
     goes without copying the book or misspelling too much. If none does, the one nearest the caps."""
-    within = [t for t in trials if t["copy_ratio"] <= COPY_CAP and t["misspell_ratio"] <= MISSPELL_CAP]
+    within = [t for t in trials if within_caps(t)]
     if within:
         return max(within, key=lambda t: t["temperature"])
     return min(trials, key=lambda t: max(t["copy_ratio"] / COPY_CAP, t["misspell_ratio"] / MISSPELL_CAP))
@@ -335,9 +339,10 @@ def sampling_temperature(cfg: EvalConfig, model: torch.nn.Module, tok: Any, inde
     temperatures = parse_temperatures(cfg.temperature)
     if len(temperatures) == 1:
         return {"temperature": temperatures[0], "source": "--temperature"}
+    path = sampling_file(out_dir, cfg.ckpt)
     if not temperatures:
-        own = sampling_file(out_dir, cfg.ckpt).is_file()
-        return {"temperature": run_temperature(out_dir, cfg.ckpt), "source": "the run's own" if own else "the default"}
+        return {"temperature": run_temperature(out_dir, cfg.ckpt),
+                "source": "the run's own" if path.is_file() else "the default"}
     t0 = time.perf_counter()
     trials = []
     for t in temperatures:
@@ -350,9 +355,8 @@ def sampling_temperature(cfg: EvalConfig, model: torch.nn.Module, tok: Any, inde
     record = {"temperature": chosen["temperature"], "chosen_on": "val", "num_prompts": cfg.num_prompts,
               "gen_tokens": cfg.gen_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed,
               "caps": {"copy_ratio": COPY_CAP, "misspell_ratio": MISSPELL_CAP},
-              "within_caps": chosen["copy_ratio"] <= COPY_CAP and chosen["misspell_ratio"] <= MISSPELL_CAP,
+              "within_caps": within_caps(chosen),
               "trials": trials}
-    path = sampling_file(out_dir, cfg.ckpt)
     try:
         atomic_write_json(path, record)
     except OSError as e:
@@ -500,10 +504,11 @@ def check_settings(cfg: EvalConfig) -> None:
         raise UserError(f"ngram_order must be 1..8 (byte n-grams are packed into 64 bits), got {cfg.ngram_order}")
     if cfg.num_prompts < 0 or cfg.prompt_chars < 1:
         raise UserError("num_prompts must be >= 0 and prompt_chars >= 1")
+    temperatures = parse_temperatures(cfg.temperature)
     if cfg.num_prompts:
-        for t in parse_temperatures(cfg.temperature):
+        for t in temperatures:
             check_sampling(cfg.gen_tokens, t, cfg.top_k, cfg.top_p)
-    elif len(parse_temperatures(cfg.temperature)) > 1:
+    elif len(temperatures) > 1:
         raise UserError("choosing a temperature needs prompts: pass --num_prompts=64 (or more) with it")
 
 
