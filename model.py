@@ -52,6 +52,8 @@ class GPTConfig:
     unet_skips: bool = opt(False, "U-net skips: each block of the second half also reads the output of its mirror "
                                   "in the first half, times a learned weight")
     zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
+    drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
+                                "branch for a sequence, from 0 at the first block rising linearly to this at the last")
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
@@ -71,8 +73,9 @@ class GPTConfig:
             raise ValueError(f"'vocab_size' must be 0 (the data's) or more, got {self.vocab_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0 <= self.value_embeds <= self.n_layer // 2:
             raise ValueError(f"value_embeds must be 0..n_layer // 2 = {self.n_layer // 2} (a table for a block of "
                              f"each half), got {self.value_embeds}")
@@ -120,6 +123,15 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
     keep = bits.view(x.shape) >= round(p * 65536) - 32768
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # as F.dropout: the mask holds 0 or 1/(1-p)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Stochastic depth (Huang et al., 2016) for a residual branch's output (B, T, C): zero it for
+    a random share p of the sequences, scale the rest by 1/(1-p), so its expectation is unchanged."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -247,17 +259,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, index: int = 0) -> None:
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.drop_path = config.drop_path * index / max(config.n_layer - 1, 1)  # deeper blocks are skipped more
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer, ve)
-        return x + self.mlp(self.ln_2(x))
+        x = x + drop_path(self.attn(self.ln_1(x), rope, cache, layer, ve), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -280,7 +293,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
                                           for _ in range(config.value_embeds))
         # a skip from block i's output into block n_layer - 1 - i, for the first half's blocks
@@ -328,6 +341,17 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+    # --------------------------------------------------------------- training
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate of the model (embedding, attention, residual) to p, as a dropout
+        schedule does during training. The model's config keeps the rate it was built with."""
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
 
     # --------------------------------------------------------------- forward
 

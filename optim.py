@@ -1,4 +1,4 @@
-"""Optimisation: Muon, the AdamW parameter groups, the learning-rate schedule, the step that
+"""Optimisation: Muon, the AdamW parameter groups, the learning-rate and dropout schedules, the step that
 clips and updates every optimizer together (or none of them), and an average of the weights.
 
     optimizers = make_optimizers(model, cfg, device)
@@ -117,6 +117,16 @@ def lr_factor(cfg: Any, it: int, progress: float) -> float:
             return 1.0
         return 1.0 - (1.0 - floor) * (progress - decay_start) / max(cfg.decay_frac, 1e-9)
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def dropout_at(cfg: Any, progress: float) -> float:
+    """The dropout rate `progress` (0 to 1) through the run: cfg.dropout throughout, or with
+    cfg.dropout_ramp > 0 rising over that share of the run in four equal stages, 0, 1/3, 2/3 and
+    all of cfg.dropout, which it keeps to the end (four rates, so a compiled model recompiles at
+    most three times)."""
+    if cfg.dropout_ramp <= 0:
+        return cfg.dropout
+    return cfg.dropout * min(math.floor(4 * max(progress, 0.0) / cfg.dropout_ramp), 3) / 3
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], cfg: Any, factor: float) -> None:

@@ -38,7 +38,7 @@ from distill import Teacher, distill_loss
 from batches import Batches, Loader, read_data_meta
 from distributed import Dist, StopFlag, setup_distributed
 from model import GPT, GPTConfig
-from optim import WeightAverage, lr_factor, make_optimizers, optimizer_step, set_lr
+from optim import WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr
 
 
 @dataclass
@@ -77,6 +77,8 @@ class TrainConfig(GPTConfig):
     warmup_iters: int = opt(50, "linear warmup steps")
     lr_decay_iters: int = opt(0, "steps until min_lr (0 = max_iters)")
     decay_frac: float = opt(0.2, "wsd: share of the run spent decaying")
+    dropout_ramp: float = opt(0.0, "dropout rises over this share of the run in four stages, 0, 1/3, 2/3 and all of "
+                                   "`dropout` (0 = the same rate throughout; 1 = all of it in the last quarter)")
     max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
     max_minutes: float = opt(0.0, "stop after this much training time; the LR schedule follows it too (0 = off)")
     early_stop_patience: int = opt(5, "stop when val has not improved for this many evals (0 = off)")
@@ -127,6 +129,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise UserError(f"ema_decay must be in [0, 1), got {cfg.ema_decay} (0 = no weight average; 0.99 averages "
                         f"about the last 100 steps)")
+    if not 0.0 <= cfg.dropout_ramp <= 1.0:
+        raise UserError(f"dropout_ramp must be in [0, 1], got {cfg.dropout_ramp} (the share of the run over which "
+                        f"dropout rises to its rate; 0 = off)")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
@@ -527,6 +532,8 @@ class Trainer:
             factor = lr_factor(cfg, it, progress)
             self.lr = cfg.learning_rate * factor
             set_lr(self.optimizers, cfg, factor)
+            if cfg.dropout_ramp:
+                self.raw_model.set_dropout(dropout_at(cfg, progress))
             loss, stepped = train_step(self.model, self.optimizers, self.scaler, self.params, self.loader, self.accum,
                                        self.ctx, cfg.grad_clip, self.ddp, self.teacher, cfg.distill_weight)
             if self.ema is not None and stepped:

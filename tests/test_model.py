@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, Linear, apply_rope, dropout, explicit_causal_attention, rope_tables, sample_next
+from model import GPT, GPTConfig, Linear, apply_rope, drop_path, dropout, explicit_causal_attention, rope_tables, sample_next
 
 GPT2 = dict(pos_emb="learned", norm="layernorm", qk_norm=False, mlp="gelu")  # GPT-2's block
 VARIANTS = {
@@ -189,6 +189,8 @@ def test_bad_config_values_are_rejected() -> None:
         GPTConfig(mlp="tanh")
     with pytest.raises(ValueError, match=r"value_embeds must be 0..n_layer // 2 = 3"):
         GPTConfig(n_layer=6, value_embeds=4)
+    with pytest.raises(ValueError, match=r"drop_path must be in \[0, 1\)"):
+        GPTConfig(drop_path=1.0)
 
 
 def test_value_embeddings_and_skips_start_from_the_plain_model_and_learn() -> None:
@@ -272,3 +274,47 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
     bf = dropout(torch.ones(4, 5, 6, dtype=torch.bfloat16), 0.5)
     assert bf.dtype == torch.bfloat16 and set(bf.unique().tolist()) <= {0.0, 2.0}
     assert torch.equal(dropout(x, 0.2, training=False), x) and torch.equal(dropout(x, 0.0), x)
+
+
+def test_drop_path_drops_whole_sequences_and_keeps_the_expectation() -> None:
+    x = torch.ones(20_000, 3, 4, requires_grad=True)
+    torch.manual_seed(2)
+    y = drop_path(x, 0.25)
+    per_seq = y.detach().flatten(1)
+    kept = per_seq[:, 0] != 0
+    assert torch.equal(per_seq[kept], torch.full_like(per_seq[kept], 4 / 3))  # a kept sequence: every value scaled
+    assert torch.equal(per_seq[~kept], torch.zeros_like(per_seq[~kept]))     # a dropped one: all of it
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert torch.equal(drop_path(x, 0.25, training=False), x) and torch.equal(drop_path(x, 0.0), x)
+
+
+def test_stochastic_depth_rises_with_depth_and_is_off_in_eval_mode() -> None:
+    plain, deep = tiny(n_layer=4, dropout=0.0), tiny(n_layer=4, dropout=0.0, drop_path=0.3)
+    assert [b.drop_path for b in deep.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert deep.state_dict().keys() == plain.state_dict().keys()  # no parameters: old checkpoints load
+    idx = torch.randint(0, 37, (64, 16))
+    assert torch.equal(deep(idx)[0], plain(idx)[0])  # eval mode: the same function (the same seed, weights)
+    deep.train()
+    torch.manual_seed(0)
+    first = deep(idx)[0]
+    torch.manual_seed(1)
+    second = deep(idx)[0]
+    differs = (first - second).abs().flatten(1).amax(dim=1) > 0
+    assert 0 < differs.sum() < 64  # some sequences skipped a block in one pass and not in the other
+
+
+def test_set_dropout_changes_every_rate_in_training_and_none_in_eval() -> None:
+    model = tiny(n_layer=2, dropout=0.2)
+    model.set_dropout(0.0)
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(rates) == 5 and set(rates) == {0.0}  # embedding, and each block's attention and MLP outputs
+    assert {b.attn.dropout for b in model.blocks} == {0.0}  # the attention weights'
+    assert model.config.dropout == 0.2  # the config keeps the rate the model was built with
+    idx = torch.randint(0, 37, (2, 16))
+    reference = model(idx)[0]
+    model.train()
+    assert torch.allclose(model(idx)[0], reference, atol=1e-6)  # no dropout left
+    model.set_dropout(0.5)
+    assert not torch.allclose(model(idx)[0], reference, atol=1e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import Muon, WeightAverage, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
+from optim import Muon, WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
 from train import TrainConfig
 
 
@@ -20,6 +20,15 @@ def test_lr_schedules() -> None:
     assert lr_factor(wsd, 5, 0.79) == 1.0
     assert lr_factor(wsd, 5, 0.9) == pytest.approx(0.55)
     assert lr_factor(wsd, 5, 1.0) == pytest.approx(0.1)
+
+
+def test_dropout_schedule_rises_in_four_stages_then_holds() -> None:
+    assert dropout_at(TrainConfig(dropout=0.3), 0.0) == 0.3  # no ramp: the same rate throughout
+    whole = TrainConfig(dropout=0.3, dropout_ramp=1.0)
+    assert [dropout_at(whole, p) for p in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == pytest.approx(
+        [0.0, 0.0, 0.1, 0.2, 0.2, 0.3, 0.3])
+    half = TrainConfig(dropout=0.3, dropout_ramp=0.5)
+    assert [dropout_at(half, p) for p in (0.1, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([0.0, 0.1, 0.3, 0.3, 0.3])
 
 
 def test_newton_schulz_orthogonalises() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,24 @@ def test_value_embeddings_skips_and_zero_init_train_and_resume_exactly(tiny_char
     ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert {"value_embeds.0.weight", "skip_weights"} <= set(ckpt["model"])
     assert not torch.equal(ckpt["model"]["skip_weights"], torch.ones(1))  # learned
+
+
+def test_stochastic_depth_and_a_dropout_ramp_train_and_resume_exactly(tiny_char_data: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    rates: list[float] = []
+    set_dropout = GPT.set_dropout
+    monkeypatch.setattr(GPT, "set_dropout", lambda self, p: (rates.append(p), set_dropout(self, p))[1])
+    kw = dict(drop_path=0.2, dropout=0.3, dropout_ramp=0.5, lr_decay_iters=16, eval_interval=8)
+    run(tiny_char_data, tmp_path / "straight", max_iters=16, **kw)
+    # the ramp spans half of the 16 steps: two steps at each of 0, 0.1 and 0.2, then 0.3 to the end
+    assert rates == pytest.approx([0.0] * 2 + [0.1] * 2 + [0.2] * 2 + [0.3] * 10)
+    run(tiny_char_data, tmp_path / "split", max_iters=8, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=16, init_from="resume", **kw)
+    assert rates[16:] == rates[:16]  # the resumed run picks the ramp up where it stood
+    def losses(out: Path) -> list[tuple]:
+        return [(r["iter"], r["loss"]) for r in records(out, "train")]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bit-identical, step for step
 
 
 def test_training_steps_can_read_random_segmentations_of_train(book_text: str, tmp_path: Path,
@@ -309,10 +328,12 @@ def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> No
     ("max_iters", 0, "'max_iters' must be positive, got 0"),
     ("max_minutes", -1.0, "'max_minutes' must be 0 or more, got -1.0"),
     ("early_stop_patience", -2, "'early_stop_patience' must be 0 or more, got -2"),
+    ("dropout_ramp", 1.5, "dropout_ramp must be in [0, 1], got 1.5"),
+    ("drop_path", 1.0, "drop_path must be in [0, 1), got 1.0"),
 ])
 def test_budget_keys_are_checked_before_training(key: str, value, message: str) -> None:
     cfg = parse_config(TrainConfig, [f"--{key}={value}"])
-    with pytest.raises(train_mod.UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(train_mod.UserError, match=re.escape(message)):
         train_mod.validate(cfg)
 
 
