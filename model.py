@@ -127,11 +127,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 def drop_path(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Stochastic depth (Huang et al., 2016) for a residual branch's output (B, T, C): zero it for
-    a random share p of the sequences, scale the rest by 1/(1-p), so its expectation is unchanged."""
+    a random share p of the sequences, scale the rest by 1/(1-p): dropout of one value per sequence."""
     if not training or p == 0.0:
         return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * dropout(x.new_ones(x.shape[0], 1, 1), p)
 
 
 class Dropout(nn.Dropout):
