@@ -37,8 +37,8 @@ CHECKS = ("environment", "prepare", "bench_2x4090", "bench_best_gpu", "train_bf1
 PROMPT = "Prince Andrew"
 # --tiny: shapes a CPU runs in seconds; the checks, not the figures, are the point there
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
-              "gradient_accumulation_steps": 1, "eval_iters": 4}
-TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 2,
+              "gradient_accumulation_steps": 1, "eval_iters": 4, "value_embeds": 1}
+TINY_BENCH = {"n_layer": 1, "value_embeds": 0, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 2,
               "gradient_accumulation_steps": 1, "steps": 2, "warmup_steps": 1, "peak_size": 64,
               "sample_tokens": 20, "sample_prompt": 4, "compile": "false"}
 CPU_TRAIN = {"device": "cpu", "dtype": "float32", "compile": "false"}  # a CPU trains eager in float32 here
