@@ -37,7 +37,7 @@ demo: install
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
 
-# steps and minutes to 1.60 bpb on val (config/speedrun_cpu.toml), confirmed on test; --overwrite=true reruns it
+# minutes of training steps to 1.60 bpb on val (config/speedrun_cpu.toml), confirmed on test; --overwrite=true reruns it
 speedrun: install
 	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make speedrun BOOK=path/to/pg2600.txt" >&2; exit 2; }
