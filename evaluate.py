@@ -23,7 +23,8 @@
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
 Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots (report.py), atomically; for
---ckpt=latest or ema, eval_latest.json and report_latest.md (or _ema), beside the best's.
+--ckpt=latest or ema, eval_latest.json and report_latest.md (or _ema), beside the best's; with --ensemble,
+eval_ensemble.json and report_ensemble.md, so the run's own figures are kept.
 """
 from __future__ import annotations
 
@@ -609,7 +610,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         "curves": curves,
         "samples": samples, "timings": timings,
     }
-    names = output_names(cfg.ckpt)
+    names = output_names(cfg.ckpt, cfg.ensemble)
     plots = {names["curves"]: plot_curves(train_rows, eval_rows, curves)} if eval_rows else {}
     if baselines:
         plots[names["bpb_plot"]] = plot_bpb(lk["bpb"], baselines)

@@ -147,9 +147,10 @@ def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def output_names(ckpt: str) -> dict[str, str]:
-    """The files an evaluation of checkpoint `ckpt` writes: best.pt's plain, the others' named after them."""
-    tag = "" if ckpt == "best" else f"_{ckpt}"
+def output_names(ckpt: str, ensemble: str = "") -> dict[str, str]:
+    """The files an evaluation of checkpoint `ckpt` writes: best.pt's plain, the others' named after them, and
+    an evaluation with --ensemble its own (_ensemble), so the run's single-model figures stay where they were."""
+    tag = ("" if ckpt == "best" else f"_{ckpt}") + ("_ensemble" if ensemble else "")
     return {"json": f"eval{tag}.json", "report": f"report{tag}.md", "bpb_plot": f"bpb_baselines{tag}.png",
             "curves": "loss_curves.png"}
 
@@ -168,7 +169,7 @@ def ensemble_label(ens: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
-    names = output_names(ev["settings"]["ckpt"])
+    names = output_names(ev["settings"]["ckpt"], ev["settings"]["ensemble"])
     run, data, lk = ev["run"], ev["data"], ev["likelihood"]
     md = [f"# Evaluation of `{run['out_dir']}`", "",
           f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
@@ -312,5 +313,5 @@ def print_summary(ev: dict[str, Any]) -> None:
     if ov.get("evals"):
         print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
               f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")
-    names = output_names(ev["settings"]["ckpt"])
+    names = output_names(ev["settings"]["ckpt"], ev["settings"]["ensemble"])
     print(f"wrote {ev['run']['out_dir']}/{names['json']} and {names['report']} in {ev['timings']['total']:.1f} s")

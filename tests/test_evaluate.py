@@ -330,6 +330,7 @@ def test_ensemble_end_to_end(tiny_eval_run: tuple[Path, Path], tmp_path: Path,
     train(parse_config(TrainConfig, tiny_train_args(data, other, max_iters=30, learning_rate=3e-3, seed=7,
                                                     block_size=16)))
     args = [f"--out_dir={run}", "--num_prompts=0", "--baselines=false", "--dtype=float32"]
+    single = E.main(args)  # the run's own evaluation, which the ensemble's must leave as it is
     ev = E.main(args + [f"--ensemble={other}", "--mix_ngram=3"])
     ens, lk = ev["ensemble"], ev["likelihood"]
     assert ens["runs"] == [str(run), str(other)] and ens["chosen_on"] == "val"
@@ -344,9 +345,13 @@ def test_ensemble_end_to_end(tiny_eval_run: tuple[Path, Path], tmp_path: Path,
     # its probabilities mixed with the n-gram as well, the weight again fitted on val
     assert ens["mixture"]["val_bpb_by_order"]["3"] <= ens["val_bpb"] + 1e-9 and ens["mixture"]["tokens"] == lk["tokens"]
     out = capsys.readouterr().out
+    assert f"wrote {run}/eval_ensemble.json and report_ensemble.md" in out
     assert f"bpb, ensemble (2 runs, weights {ens['weights'][0]:.3f} / {ens['weights'][1]:.3f})" in out
     assert "bpb, ensemble and n-gram (order 3" in out
-    assert f"**{ens['bpb']:.4f} bpb**" in (run / "report.md").read_text(encoding="utf-8")
+    # written beside the run's own evaluation, which stays the single model's
+    assert f"**{ens['bpb']:.4f} bpb**" in (run / "report_ensemble.md").read_text(encoding="utf-8")
+    assert json.loads((run / "eval_ensemble.json").read_text(encoding="utf-8"))["ensemble"]["bpb"] == ens["bpb"]
+    assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["timings"] == single["timings"]
     assert ev["mixture"]["bpb"] != pytest.approx(ens["bpb"])  # the single model's mixture is still there, apart
     # a run on other data, or none at all, is one clear error
     with pytest.raises(UserError, match="run directory not found"):
