@@ -49,16 +49,23 @@ class Muon(torch.optim.Optimizer):
 
     Matrices of one shape (every block's c_attn, say) are stepped together: their momentum with
     multi-tensor kernels, their Newton-Schulz iterations as one batched product. A per-matrix loop
-    launches ~56 small kernels for each matrix, which on a GPU costs more than the arithmetic."""
+    launches ~56 small kernels for each matrix, which on a GPU costs more than the arithmetic.
+
+    Weight decay is decoupled, as AdamW's: each step shrinks a matrix by decay_lr * weight_decay before
+    the update, where decay_lr is the current lr (decay_with_lr, so the shrink fades as the schedule
+    decays the rate) or else the rate Muon was built with (a constant shrink to the end of the run)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+                 weight_decay: float = 0.0, decay_with_lr: bool = True) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      decay_with_lr=decay_with_lr, peak_lr=lr))
 
     def __setstate__(self, state: dict) -> None:  # load_state_dict goes through here
         super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from before weight decay existed had none
+        for group in self.param_groups:  # checkpoints from before these options had none: their behaviour then
             group.setdefault("weight_decay", 0.0)
+            group.setdefault("decay_with_lr", True)
+            group.setdefault("peak_lr", group["lr"])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -77,8 +84,9 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_add_(bufs, grads)
                 g = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
                 update = zeropower_via_newtonschulz5(torch.stack(g))
-                if group["weight_decay"]:  # decoupled, as AdamW's: shrink, then step
-                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                if group["weight_decay"]:  # decoupled: shrink, then step
+                    decay_lr = group["lr"] if group["decay_with_lr"] else group["peak_lr"]
+                    torch._foreach_mul_(params, 1 - decay_lr * group["weight_decay"])
                 torch._foreach_add_(params, list(update.unbind(0)),
                                     alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
@@ -101,7 +109,7 @@ def make_optimizers(model: torch.nn.Module, cfg: Any, device: str) -> list[torch
     if cfg.optimizer == "adamw":
         return [adamw]
     return [adamw, Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                         weight_decay=cfg.muon_weight_decay)]
+                         weight_decay=cfg.muon_weight_decay, decay_with_lr=cfg.muon_wd_schedule == "lr")]
 
 
 def lr_factor(cfg: Any, it: int, progress: float) -> float:

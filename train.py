@@ -66,6 +66,8 @@ class TrainConfig(GPTConfig):
     muon_lr: float = opt(0.02, "Muon learning rate (optimizer=muon)")
     muon_momentum: float = opt(0.95, "Muon momentum")
     muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
+    muon_wd_schedule: str = opt("lr", "lr: each step shrinks Muon's matrices by its current rate x muon_weight_decay, "
+                                      "fading as the rate decays; constant: by muon_lr x muon_weight_decay to the end")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
                                 "0.99); each eval scores it on val and saves it as ema.pt when it improves (0 = off)")
@@ -105,6 +107,7 @@ class TrainConfig(GPTConfig):
 
 
 CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"),
+           "muon_wd_schedule": ("lr", "constant"),
            "train_split": ("train", "train_dropout"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 

@@ -56,11 +56,32 @@ def test_muon_weight_decay_is_decoupled_and_old_states_load() -> None:
     p = torch.nn.Parameter(w0.clone())
     opt = Muon([p], lr=0.1, weight_decay=0.3)
     state = opt.state_dict()
-    del state["param_groups"][0]["weight_decay"]
+    for key in ("weight_decay", "decay_with_lr", "peak_lr"):
+        del state["param_groups"][0][key]
     opt.load_state_dict(state)
     p.grad = grad.clone()
     opt.step()
     assert torch.allclose(p.detach(), after[0.0], atol=1e-6)
+
+
+def test_muon_weight_decay_follows_the_rate_or_stays_constant() -> None:
+    """With a zero gradient the update is zero, so a step is the shrink alone: at a tenth of the peak
+    rate, the lr schedule shrinks by 0.1 * 0.2 * 0.5 = 1%, the constant one by 0.2 * 0.5 = 10%."""
+    w0 = torch.randn(16, 8)
+    cfg = TrainConfig(muon_lr=0.2, muon_weight_decay=0.5)
+    for schedule, shrink in (("lr", 0.01), ("constant", 0.1)):
+        cfg.muon_wd_schedule = schedule
+        model = torch.nn.Module()
+        model.lm_head = torch.nn.Linear(8, 4, bias=False)
+        model.w = torch.nn.Parameter(w0.clone())
+        _adamw, muon = make_optimizers(model, cfg, "cpu")
+        set_lr([muon], cfg, 0.1)
+        model.w.grad = torch.zeros_like(w0)
+        muon.step()
+        assert torch.allclose(model.w.detach(), (1 - shrink) * w0, atol=1e-6), schedule
+        # the choice travels in the optimizer's state, so a resumed run keeps it
+        state = muon.state_dict()
+        assert state["param_groups"][0]["decay_with_lr"] == (schedule == "lr")
 
 
 def reference_muon_step(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float = 0.95) -> None:

@@ -330,6 +330,7 @@ def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> No
     ("early_stop_patience", -2, "'early_stop_patience' must be 0 or more, got -2"),
     ("dropout_ramp", 1.5, "dropout_ramp must be in [0, 1], got 1.5"),
     ("drop_path", 1.0, "drop_path must be in [0, 1), got 1.0"),
+    ("muon_wd_schedule", "cosine", "bad value for 'muon_wd_schedule': 'cosine'; use one of lr, constant"),
 ])
 def test_budget_keys_are_checked_before_training(key: str, value, message: str) -> None:
     cfg = parse_config(TrainConfig, [f"--{key}={value}"])
