@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import CompiledWithFallback, autocast, native_bf16, resolve_device, resolve_dtype, sync
 from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig, training_flops
-from optim import make_optimizers, optimizer_step
+from optim import WeightAverage, make_optimizers, optimizer_step
 from sample import TEMPERATURE, TOP_K, TOP_P
 from tokenizer import read_meta
 from batches import Batches
@@ -200,6 +200,8 @@ class TrainRun:
                 for group in o.param_groups:
                     group.update(fused=False, foreach=False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # train.py updates its weight average after every step: that is part of the step's time
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay and kind == "bookgpt" else None
         self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=self.dtype == "float16")
         self.ctx = autocast(device, self.dtype)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -239,10 +241,13 @@ class TrainRun:
         return iter(self.batches)
 
     def step(self) -> torch.Tensor:
-        """One training step (all micro-batches, clip, optimizers); the loss is left unread, as train.py does."""
+        """One training step (all micro-batches, clip, optimizers, the weight average); the loss is left
+        unread, as train.py does."""
         with self.kernels():
             loss, _ = train_step(self.forward, self.optimizers, self.scaler, self.params, self.micro_batches(),
                                  len(self.batches), self.ctx, self.cfg.grad_clip)
+        if self.ema is not None:
+            self.ema.update()
         return loss
 
     def warm_up(self) -> None:
@@ -476,17 +481,19 @@ def speedrun(cfg: BenchConfig, ms_per_step: float) -> dict[str, Any]:
     from train import train
     print(f"\nspeedrun: training {cfg.out_dir} to val bpb <= {cfg.target_val_bpb:g}...", flush=True)
     summary = train(TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}))
-    ev = evaluate(EvalConfig(out_dir=cfg.out_dir, num_prompts=0, baselines=False, device=cfg.device,
+    # the weight average (ema_decay) or the weights, whichever val (training's estimate) scored better
+    ckpt = "ema" if summary.get("best_ema_val_bpb", math.inf) < summary["best_val_bpb"] else "best"
+    ev = evaluate(EvalConfig(out_dir=cfg.out_dir, ckpt=ckpt, num_prompts=0, baselines=False, device=cfg.device,
                              threads=cfg.threads), log=lambda m: print(m, flush=True))
     out = {"reached": summary["reason"] == "target", "steps": summary["iter"], "tokens": summary["tokens_seen"],
-           "train_minutes": summary["train_seconds"] / 60, "target_val_bpb": cfg.target_val_bpb,
-           "best_iter": summary["best_iter"], "test_bpb": ev["likelihood"]["bpb"],
+           "train_minutes": summary["train_seconds"] / 60, "target_val_bpb": cfg.target_val_bpb, "checkpoint": ckpt,
+           "best_iter": summary["best_ema_iter" if ckpt == "ema" else "best_iter"], "test_bpb": ev["likelihood"]["bpb"],
            "val_bpb": ev["splits"].get("val", ev["splits"][ev["data"]["split"]])["likelihood"]["bpb"],
            "bench_ms_per_step": ms_per_step, "minutes_at_bench_speed": summary["iter"] * ms_per_step / 60e3}
     print(f"\nspeedrun: {'reached' if out['reached'] else 'did NOT reach'} val bpb <= {cfg.target_val_bpb:g} "
           f"(training's estimate) in {out['steps']:,} steps, {out['tokens']:,} tokens, {out['train_minutes']:.1f} "
           f"minutes of training steps ({out['steps']:,} x the median {ms_per_step / 1e3:.2f} s a step measured above: "
-          f"{out['minutes_at_bench_speed']:.1f} minutes); best checkpoint (step {out['best_iter']:,}): test "
+          f"{out['minutes_at_bench_speed']:.1f} minutes); {ckpt}.pt (step {out['best_iter']:,}): test "
           f"{out['test_bpb']:.4f} bpb, val {out['val_bpb']:.4f} (full passes)")
     return out
 

@@ -84,8 +84,8 @@ class TrainConfig(GPTConfig):
     max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
     max_minutes: float = opt(0.0, "stop after this much training time; the LR schedule follows it too (0 = off)")
     early_stop_patience: int = opt(5, "stop when val has not improved for this many evals (0 = off)")
-    target_val_bpb: float = opt(0.0, "stop at the first eval whose val bpb (training's estimate) is at or below this: "
-                                     "a speedrun's finish line (0 = off)")
+    target_val_bpb: float = opt(0.0, "stop at the first eval whose val bpb (training's estimate; with ema_decay, the "
+                                     "weights' or their average's) is at or below this: a speedrun's finish line (0 = off)")
     # evaluation and logging
     eval_interval: int = opt(100, "evaluate every N steps")
     eval_iters: int = opt(20, "batches per split per evaluation")
@@ -345,7 +345,7 @@ class Trainer:
         self.ctx = autocast(self.device, self.dtype)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
         self.lr = cfg.learning_rate
-        self.val_bpb = math.inf  # the last eval's
+        self.val_bpb, self.val_bpb_of = math.inf, ""  # the last eval's, the weights' or (named) their average's
         self.bar: Any = None
         self.by_time = False
         self.start_logging()
@@ -469,8 +469,10 @@ class Trainer:
         record = {"kind": "eval", "iter": state["iter_num"], "train_loss": losses["train"], "val_loss": losses["val"],
                   "val_bpb": bits_per_byte(losses["val"], self.meta["splits"]["val"]), "lr": self.lr,
                   "tokens_seen": state["tokens_seen"], "time_s": state["train_seconds"]}
-        self.val_bpb = record["val_bpb"]
         average = self.evaluate_average(record) if self.ema is not None else ""
+        # the finish line (target_val_bpb) reads the better of the weights and their average
+        self.val_bpb = min(record["val_bpb"], record.get("ema_val_bpb", math.inf))
+        self.val_bpb_of = " (the weight average's: ema.pt)" if self.val_bpb < record["val_bpb"] else ""
         if self.d.master:
             self.metrics.write(record)
             self.bar.write(f"step {state['iter_num']}: train {losses['train']:.4f}, val {losses['val']:.4f} "
@@ -591,7 +593,7 @@ class Trainer:
             print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
                   f"({summary['best_val_bpb']:.3f} bpb) at step {state['best_iter']}; checkpoints in {self.out_dir}")
             if reason == "target":
-                print(f"reached val bpb {self.val_bpb:.3f} <= {self.cfg.target_val_bpb:g} in {state['iter_num']:,} "
+                print(f"reached val bpb {self.val_bpb:.3f}{self.val_bpb_of} <= {self.cfg.target_val_bpb:g} in {state['iter_num']:,} "
                       f"steps ({state['tokens_seen']:,} tokens) and {state['train_seconds'] / 60:.1f} minutes of training steps")
             if self.wandb:
                 self.wandb.finish()

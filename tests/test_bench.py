@@ -96,7 +96,8 @@ def test_compare_runs_a_tiny_model(tmp_path: Path) -> None:
 
 
 def test_speedrun_trains_to_the_target_and_scores_test(tiny_char_data: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import bench
     out = tmp_path / "run"
     args = [f"--{k}={v}" for k, v in {**TINY, "sample_tokens": 0}.items()] + [
@@ -110,6 +111,21 @@ def test_speedrun_trains_to_the_target_and_scores_test(tiny_char_data: Path, tmp
     assert res["minutes_at_bench_speed"] == pytest.approx(res["steps"] * res["bench_ms_per_step"] / 60e3)
     assert 0 < res["test_bpb"] < 8 and (out / "eval.json").is_file()  # evaluate.py's full pass on test
     assert f"reached val bpb <= 6 (training's estimate) in {res['steps']} steps" in capsys.readouterr().out
+    # with a weight average, val's estimate chooses which of best.pt and ema.pt the test pass scores
+    import train
+    real_train, ema_wins = train.train, {}
+
+    def train_and_maybe_better_average(cfg):
+        summary = real_train(cfg)
+        return {**summary, "best_ema_val_bpb": 0.0} if ema_wins else summary
+    monkeypatch.setattr(train, "train", train_and_maybe_better_average)
+    for ema_wins in ({}, {"yes": True}):
+        res = bench.run(parse_config(BenchConfig, args + ["--ema_decay=0.5", "--overwrite=true"]))["speedrun"]
+        summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        chosen = "ema" if ema_wins or summary["best_ema_val_bpb"] < summary["best_val_bpb"] else "best"
+        report = out / ("eval_ema.json" if chosen == "ema" else "eval.json")  # evaluate.py names ema.pt's its own
+        assert res["checkpoint"] == json.loads(report.read_text())["settings"]["ckpt"] == chosen
+        assert res["best_iter"] == summary["best_ema_iter" if chosen == "ema" else "best_iter"]
     with pytest.raises(UserError, match="needs a finish line"):
         bench.run(parse_config(BenchConfig, ["--speedrun=true"]))
 

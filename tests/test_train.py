@@ -83,6 +83,24 @@ def test_a_target_val_bpb_ends_the_run_at_the_first_eval_that_reaches_it(
     assert f"reached val bpb {bits_per_byte(2.0, val_split):.3f} <= {target:g} in 20 steps" in capsys.readouterr().out
 
 
+def test_a_weight_average_can_reach_the_target_first(
+        tiny_char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    weights, average = iter([4.0, 3.0, 3.0, 3.0]), iter([3.5, 2.0])  # the average is scored on val alone
+
+    def fake_estimate(model, batches, *args, **kwargs) -> dict[str, float]:
+        value = next(weights if "train" in batches else average)
+        return dict.fromkeys(batches, value)
+
+    monkeypatch.setattr(train_mod, "estimate_loss", fake_estimate)
+    val_split = json.loads((tiny_char_data / "meta.json").read_text())["splits"]["val"]
+    target = bits_per_byte(2.5, val_split)  # the weights never reach it; the average does at its second eval
+    summary = run(tiny_char_data, tmp_path / "run", max_iters=200, eval_interval=10, target_val_bpb=target,
+                  ema_decay=0.9)
+    assert summary["reason"] == "target" and summary["iter"] == 10 and summary["best_ema_iter"] == 10
+    assert (f"reached val bpb {bits_per_byte(2.0, val_split):.3f} (the weight average's: ema.pt) <= {target:g} "
+            f"in 10 steps") in capsys.readouterr().out
+
+
 def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
     kw = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, learning_rate=2e-3)  # dropout: the RNG must resume too
     run(tiny_char_data, tmp_path / "straight", max_iters=24, **kw)
