@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -86,6 +87,26 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Kernels that give the same bits every run, for the duration. On a GPU two runs of one seed otherwise
+    drift from the first step: flash attention's backward and Inductor's scatter-add (an embedding's
+    backward) accumulate with atomics, in whatever order the threads arrive, unless
+    torch.use_deterministic_algorithms(True) (not warn_only, which keeps flash attention's fast order);
+    cuBLAS needs a fixed workspace for it, read when its first handle is made; and Inductor's deterministic
+    mode stops it timing alternative kernels, which could choose differently in two processes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch._inductor.config as inductor_config
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with inductor_config.patch(deterministic=True) if hasattr(inductor_config, "deterministic") \
+                else contextlib.nullcontext():  # Inductor's switch: torch 2.9 and later
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 # ----------------------------------------------------------------------------- random state

@@ -7,6 +7,7 @@ train.py needs, all on the training device, and the signals that ask a run to st
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import signal
 import threading
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from config import UserError
+
+DDP = torch.nn.parallel.DistributedDataParallel
 
 
 @dataclass
@@ -75,18 +78,20 @@ class Dist:
 def setup_distributed(device: str) -> Dist:
     """torchrun sets RANK/WORLD_SIZE. With device=cuda each process takes the GPU of its local rank
     and the processes talk over NCCL; on a CPU over gloo. BOOKGPT_DIST_BACKEND overrides the backend:
-    "cuda:gloo" has NCCL's restriction to CUDA tensors and lets two processes share one GPU
-    (device=cuda:0), which is how one GPU checks the two-GPU path (gpu_check.py)."""
+    "cuda:gloo" has NCCL's restriction to CUDA tensors and lets two processes share one GPU (device=cuda
+    gives process i GPU i modulo the GPUs there are), which is how one GPU checks the two-GPU path
+    (gpu_check.py)."""
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
     backend = os.environ.get("BOOKGPT_DIST_BACKEND") or ("nccl" if device.startswith("cuda") else "gloo")
     if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started process {local_rank} on this node but it has "
-                            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node={torch.cuda.device_count()}")
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend == "nccl":
+            raise UserError(f"torchrun started process {local_rank} on this node but it has {gpus} GPU(s); use "
+                            f"--nproc_per_node={gpus}")
+        device = f"cuda:{local_rank % gpus}"  # cuda:gloo: more processes than GPUs share them in turn
+        torch.cuda.set_device(local_rank % gpus)
     elif device.startswith("cuda:") and backend == "nccl" and world > 1:
         raise UserError(f"device={device} puts every process on one GPU, which NCCL refuses; pass device=cuda "
                         f"(each process takes its own GPU)")
@@ -94,6 +99,16 @@ def setup_distributed(device: str) -> Dist:
     timeout = float(os.environ.get("BOOKGPT_DIST_TIMEOUT", "300"))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return Dist(rank, local_rank, world, device)
+
+
+def wrap_ddp(model: torch.nn.Module, device: str) -> DDP:
+    """The model under DDP: gradients averaged across processes once per step. broadcast_buffers=False: its
+    only buffers are the rotary tables, the same constants on every process, so nothing is sent before each
+    forward (DDP would otherwise broadcast them from rank 0 every step)."""
+    index = torch.device(device).index
+    # torch 2.13 renamed the switch (the old name still works there, with a warning)
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[index] if index is not None else None, **{name: False})
 
 
 class StopFlag:

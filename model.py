@@ -222,8 +222,8 @@ class CausalSelfAttention(nn.Module):
             kv = cache.kv[layer]
             kv[:, :, :, start:end] = qkv[1:] if rope is None and not self.qk_norm and ve is None else torch.stack((k, v))
             k, v = kv[:, :, :, :end].unbind(0)
-            q = q.to(k.dtype)  # (normed queries can be float32 under CUDA autocast; SDPA would cast them so)
             causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
+        q, k = q.to(v.dtype), k.to(v.dtype)  # normed q, k can be float32 under autocast (MPS, CUDA): SDPA wants one dtype
         dropout_p = self.dropout if self.training else 0.0
         if cache is None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             y = explicit_causal_attention(q, k, v, dropout_p)  # faster on CPUs, see docs/benchmarks.md
@@ -248,6 +248,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
+        if self.kind == "relu2" and h.dtype == torch.float16:
+            return self.dropout(relu2_proj_fp16(h, self.c_proj))
         if self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "relu2":
@@ -255,6 +257,16 @@ class MLP(nn.Module):
         else:
             h = F.silu(self.c_gate(x)) * h
         return self.dropout(self.c_proj(h))
+
+
+def relu2_proj_fp16(h: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """proj(relu(h)^2) for float16 h (fp16 autocast, a T4's path). float16 holds up to 65,504, so the square of
+    an activation above 256 would be inf in the forward pass, where a GradScaler cannot help. Square in float32
+    and give the fp16 product each row divided by its largest value (at least 1), multiplying it back after."""
+    h = F.relu(h).float().square()
+    scale = h.detach().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    y = F.linear((h / scale).half(), proj.weight) * scale
+    return y if proj.bias is None else y + proj.bias
 
 
 class Block(nn.Module):

@@ -116,12 +116,18 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500, t
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with autocast(device.type, dtype):
-        for tok in model.generate_stream(ids, max_new_tokens, temperature, top_k or None,
-                                         top_p if top_p < 1 else None, generator):
-            piece = decoder.decode(tokenizer.decode_bytes([int(tok[0])]))
-            if piece:
-                yield piece
+    steps = model.generate_stream(ids, max_new_tokens, temperature, top_k or None, top_p if top_p < 1 else None,
+                                  generator)
+    while True:
+        # autocast for each step, not once around the loop: its state is per thread, and a caller may advance
+        # this generator from several (Gradio runs each step of a streamed answer on a worker thread)
+        with autocast(device.type, dtype):
+            tok = next(steps, None)
+        if tok is None:
+            break
+        piece = decoder.decode(tokenizer.decode_bytes([int(tok[0])]))
+        if piece:
+            yield piece
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail

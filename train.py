@@ -28,15 +28,14 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import FILES, check_resumable, checkpoint_path, load_checkpoint, newest_run, save_checkpoint
-from common import (CompiledWithFallback, autocast, bits_per_byte, device_rng_state, read_metrics, resolve_device,
-                    resolve_dtype, set_device_rng_state)
+from common import (CompiledWithFallback, autocast, bits_per_byte, deterministic_kernels, device_rng_state, read_metrics,
+                    resolve_device, resolve_dtype, set_device_rng_state)
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
 from distill import Teacher, distill_loss
 from batches import Batches, Loader, read_data_meta
-from distributed import Dist, StopFlag, setup_distributed
+from distributed import DDP, Dist, StopFlag, setup_distributed, wrap_ddp
 from model import GPT, GPTConfig
 from optim import WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr
 
@@ -98,6 +97,8 @@ class TrainConfig(GPTConfig):
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
     compile: bool = opt(False, "torch.compile the model (falls back to eager if it fails)")
+    deterministic: bool = opt(False, "deterministic kernels, so two runs of a seed give the same losses on a GPU "
+                                     "too (a little slower; on a CPU they are the same anyway)")
     seed: int = opt(1337, "seed for weights, batches and dropout")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
 
@@ -258,7 +259,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     d = setup_distributed(resolve_device(cfg.device))
     lost = False
     try:
-        with StopFlag() as stop:
+        with StopFlag() as stop, deterministic_kernels() if cfg.deterministic else contextlib.nullcontext():
             summary = Trainer(cfg, d, stop).run()
         d.barrier()  # all ranks finish together: a rank tearing gloo down while rank 0 still saves can abort
         return summary
@@ -337,11 +338,8 @@ class Trainer:
         self.compiled = CompiledWithFallback(self.raw_model) if cfg.compile else None
         if self.compiled is not None:
             self.model = self.compiled
-        self.ddp = None
-        if d.world > 1:  # the rope tables are constant buffers: nothing to broadcast every forward
-            index = torch.device(self.device).index
-            self.model = self.ddp = DDP(self.model, device_ids=[index] if index is not None else None,
-                                        broadcast_buffers=False)
+        self.ddp = wrap_ddp(self.model, self.device) if d.world > 1 else None
+        self.model = self.ddp or self.model
         self.ctx = autocast(self.device, self.dtype)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
         self.lr = cfg.learning_rate
@@ -413,12 +411,14 @@ class Trainer:
     # ------------------------------------------------------------------ reading, saving, evaluating
 
     def read_losses(self) -> float | None:
-        """Read the losses of the steps taken since the last read (one wait for the GPU) and stop at
-        the first that is not finite; returns the latest. Runs before every save: weights that went
+        """Read the losses of the steps taken since the last read (one wait for the GPU), averaged over the
+        processes, and stop at the first that is not finite; returns the latest. The average is the one
+        exchange that lets every process see a NaN or inf of any, so all stop together with the same line
+        rather than the others waiting for the one that stopped. Runs before every save: weights that went
         bad are never written over the last good checkpoint."""
         if not self.pending:
             return None
-        steps, values = [s for s, _ in self.pending], torch.stack([l for _, l in self.pending]).tolist()
+        steps, values = [s for s, _ in self.pending], self.d.all_mean(torch.stack([l for _, l in self.pending])).tolist()
         self.pending.clear()
         for step, value in zip(steps, values):
             if not math.isfinite(value):
@@ -604,7 +604,7 @@ class Trainer:
 # that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
 MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
                         "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "target_val_bpb", "wandb_log",
-                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "threads",
+                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "deterministic", "threads",
                         "overwrite", *(f.name for f in fields(GPTConfig))}
 
 

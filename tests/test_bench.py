@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import BenchConfig, device_peaks, gpu_peak_tflops, throughput
+from bench import BenchConfig, cache_verdict, device_peaks, gpu_peak_tflops, throughput
 from common import native_bf16
 from config import UserError, parse_config
 from model import GPT, GPTConfig
@@ -56,6 +56,19 @@ def test_gpu_datasheet_peaks() -> None:
     assert gpu_peak_tflops("NVIDIA GeForce RTX 4090") == 165.0
     assert gpu_peak_tflops("NVIDIA L40S") == 362.0 and gpu_peak_tflops("NVIDIA L4") == 121.0
     assert gpu_peak_tflops("Some Future GPU") is None
+
+
+def test_the_kv_cache_verdict_asks_identical_tokens_on_a_cpu_in_float32_only() -> None:
+    """A GPU (or half precision) rounds a one-token product and a whole-context one differently, and one
+    flipped draw changes every later token: there the check is the logits, within the dtype's rounding."""
+    assert cache_verdict("cpu", "float32", identical=True, logit_error=0.0)["ok"]
+    assert not cache_verdict("cpu", "float32", identical=False, logit_error=1e-7)["ok"]
+    gpu = cache_verdict("cuda", "float32", identical=False, logit_error=5e-4)
+    assert gpu == {"logit_tolerance": 1e-3, "check": "logits within tolerance", "ok": True}
+    assert not cache_verdict("cuda:1", "float32", identical=True, logit_error=2e-3)["ok"]  # identical is not enough
+    assert cache_verdict("cuda", "bfloat16", identical=False, logit_error=2e-2)["ok"]
+    assert not cache_verdict("cuda", "bfloat16", identical=False, logit_error=4e-2)["ok"]
+    assert cache_verdict("cpu", "bfloat16", identical=False, logit_error=1e-2)["check"] == "logits within tolerance"
 
 
 def test_training_config_files_are_accepted() -> None:

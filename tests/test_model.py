@@ -318,3 +318,54 @@ def test_set_dropout_changes_every_rate_in_training_and_none_in_eval() -> None:
     assert torch.allclose(model(idx)[0], reference, atol=1e-6)  # no dropout left
     model.set_dropout(0.5)
     assert not torch.allclose(model(idx)[0], reference, atol=1e-3)
+
+
+def test_relu2_under_fp16_autocast_keeps_activations_past_256_finite() -> None:
+    """float16 holds up to 65,504: the square of an activation above 256 overflows in the forward pass (a T4
+    trains in fp16), where a GradScaler cannot help. The MLP squares in float32 and scales the product."""
+    from model import MLP
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(vocab_size=8, n_embd=16, n_head=2, dropout=0.0, bias=True))
+    x = torch.randn(2, 5, 16) * 400
+    reference = mlp(x)  # float32
+    with torch.autocast("cpu", dtype=torch.float16):
+        h = mlp.c_fc(x)
+        assert h.dtype == torch.float16 and h.max() > 256
+        assert not torch.isfinite(mlp.c_proj(F.relu(h).square())).all()  # the plain square overflows
+        y = mlp(x)
+    assert torch.isfinite(y).all() and reference.abs().max() > 65504
+    assert ((y - reference).abs().max() / reference.abs().max()).item() < 3e-3
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mlp(x).mean().backward()  # (an overflow in the backward pass is the GradScaler's to handle)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_queries_and_keys_meet_the_values_dtype_before_attention() -> None:
+    """Apple's MPS autocast runs layer_norm in float32 but has no rule for SDPA, so normed q and k arrive in
+    float32 beside half-precision v, and SDPA refuses mixed dtypes. Simulated on a CPU: norms that answer in
+    float32 inside a bf16 attention, with and without the KV cache."""
+    from model import CausalSelfAttention
+
+    class Float32Out(torch.nn.Module):
+        def __init__(self, norm: torch.nn.Module) -> None:
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x).float()
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=8, n_embd=32, n_head=2, dropout=0.0, norm="layernorm", qk_norm=True)
+    attn = CausalSelfAttention(config).to(torch.bfloat16).eval()
+    attn.q_norm, attn.k_norm = Float32Out(attn.q_norm), Float32Out(attn.k_norm)
+    x = torch.randn(1, 6, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = attn(x, None)
+        from model import KVCache
+        cache = KVCache(1, 1, 2, 8, 16, x.device, torch.bfloat16)
+        first = attn(x[:, :5], None, cache)
+        cache.pos = 5
+        last = attn(x[:, 5:], None, cache)
+    assert full.dtype == torch.bfloat16
+    assert torch.allclose(torch.cat((first, last), 1).float(), full.float(), atol=2e-2)

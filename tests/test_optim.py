@@ -206,3 +206,32 @@ def test_weight_average_follows_its_formula_and_swaps_back() -> None:
     other = WeightAverage(model, decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert other.updates == 3 and torch.equal(other.avg[0], ema.avg[0])
+
+
+def test_muon_orthogonalises_each_shape_once_per_step() -> None:
+    """Matrices of one shape share one batched Newton-Schulz pass: a step's matrix products are 15 (5
+    iterations of 3) per distinct shape, however many layers there are. One pass per matrix, which launches
+    ~56 small kernels each and costs a GPU more than the arithmetic, would be 15 per matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm,
+                                       torch.ops.aten.baddbmm, torch.ops.aten.matmul):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = GPT(GPTConfig(vocab_size=32, n_layer=4, n_head=2, n_embd=16, block_size=8))
+    muon = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")[1]
+    matrices = [p for g in muon.param_groups for p in g["params"]]
+    shapes = {p.shape for p in matrices}
+    assert (len(matrices), len(shapes)) == (16, 4)  # c_attn, attention's c_proj, c_fc, the MLP's c_proj: x 4 blocks
+    for p in matrices:
+        p.grad = torch.randn_like(p)
+    with Products() as products:
+        muon.step()
+    assert products.count == 15 * len(shapes)

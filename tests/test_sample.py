@@ -1,6 +1,7 @@
 """sample.py: the requested number of samples, seeds, streaming of partial UTF-8, clear errors."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,23 @@ def test_stream_holds_back_partial_utf8_characters() -> None:
 
     pieces = list(stream_text(Scripted(), SplitUTF8(), "x", max_new_tokens=3, temperature=0))
     assert pieces == ["é", "!"]
+
+
+def test_stream_keeps_autocast_when_another_thread_advances_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio runs each step of a streamed answer on a worker thread, and autocast's state is per thread. With
+    the layout a GPU samples with (no CPU-only weight copies), a step run without autocast meets the bf16 KV
+    cache with float32 weights and fails; stream_text enters autocast for every step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model import GPT, GPTConfig
+    monkeypatch.setattr(GPT, "sampling_weights", lambda self: contextlib.nullcontext())  # as on CUDA
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
+    stream = stream_text(model, SplitUTF8(), "Prince", max_new_tokens=12, temperature=0, dtype="bfloat16")
+    pieces = [next(stream)]  # the prefill, on this thread: it makes the cache in bf16
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        while (piece := pool.submit(next, stream, None).result()) is not None:
+            pieces.append(piece)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same tokens as one thread gives
+        want = model.generate(torch.tensor([list(b"Prince")]), 12, temperature=0)
+    assert "".join(pieces) == bytes(want[0, 6:].tolist()).decode("utf-8", errors="replace")

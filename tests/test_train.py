@@ -334,12 +334,65 @@ def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> No
         calls = [json.loads(line) for line in (record / f"rank{rank}.jsonl").read_text().splitlines()]
         assert {d for c in calls for d in c["devices"]} == {"cpu"}  # the training device, every time
         reduces = [c for c in calls if c["op"] == "all_reduce"]
-        # eval losses: 2 splits x 3 evals; stop flags: at steps 2, 3, 4, 6 (log or eval steps), not at 1 or 5
-        assert len(reduces) == 6 + 4, calls
+        # eval losses: 2 splits x 3 evals; stop flags: at steps 2, 3, 4, 6 (log or eval steps), not at 1 or 5;
+        # training losses, read (and agreed on) at log steps 2, 4, 6 and before step 3's save
+        assert len(reduces) == 6 + 4 + 4, calls
     # and it resumes with two processes
     torchrun(*tiny_train_args(tiny_char_data, out, max_iters=9, eval_interval=3, gradient_accumulation_steps=4,
                               init_from="resume"))
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
+
+
+# Two processes read their pending training losses as Trainer.read_losses does; only rank 1's are bad.
+NAN_DRIVER = r'''
+import os, sys, types
+sys.path.insert(0, os.getcwd())
+import torch
+from config import UserError
+from distributed import setup_distributed
+from train import Trainer
+d = setup_distributed("cpu")
+losses = [torch.tensor(3.0), torch.tensor(float("nan") if d.rank == 1 else 2.5), torch.tensor(2.0)]
+trainer = types.SimpleNamespace(d=d, pending=list(zip((1, 2, 3), losses)), out_dir="out/run",
+                                bar=types.SimpleNamespace(close=lambda: None))
+try:
+    said = f"read {Trainer.read_losses(trainer)}"
+except UserError as e:
+    said = f"stopped: {e}"
+open(os.path.join(os.environ["RECORD_DIR"], f"rank{d.rank}.txt"), "w").write(said)
+'''
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_stops_every_process_with_the_same_line(tmp_path: Path) -> None:
+    """Each process checked only its own losses: the one with a NaN raised, and the others waited for it in
+    their next collective until the timeout (300 s). The losses are averaged across processes when read, so
+    a NaN anywhere is a NaN everywhere, at the same step."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(NAN_DRIVER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "BOOKGPT_DIST_BACKEND": "cpu:gloo",
+                            "RECORD_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [(tmp_path / f"rank{rank}.txt").read_text().split(" Try ")[0] for rank in (0, 1)]
+    assert said == ["stopped: loss became nan at step 2; the last good checkpoints in out/run are kept."] * 2
+
+
+def test_ddp_does_not_broadcast_the_constant_buffers() -> None:
+    """The rotary tables are buffers, the same constants on every process: DDP's default would send them
+    from rank 0 before every forward."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=16, block_size=8))
+        assert model.rope_cos is not None
+        ddp = distributed.wrap_ddp(model, "cpu")
+        ddp(torch.zeros(1, 4, dtype=torch.long))
+        assert len(ddp.modules_buffers) == 2 and ddp.require_forward_param_sync  # DDP's own test, before a forward
+        assert not ddp.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("key,value,message", [
