@@ -8,13 +8,17 @@ PREPARE_INPUT = $(if $(BOOK),--input=$(BOOK),)
 
 RUN ?= out/wp_bpe_cpu
 
+# Install only what is missing. pip is asked offline first (--no-index): a machine that already has everything
+# (a GPU box's own CUDA torch in the supported range included) is left as it is and never reaches the network;
+# otherwise pip adds what is missing and keeps what satisfies the requirements.
+PIP_MISSING = $(PY) -m pip install -q --no-index $(1) >/dev/null 2>&1 || $(PY) -m pip install $(1) \
+  || { echo "error: pip could not install what is missing ($(1)); offline? bring wheels: docs/training.md, 'A GPU machine without internet'" >&2; exit 2; }
+
 install:
-	$(PY) -c "import torch, numpy, tiktoken, rustbpe, requests, tqdm, matplotlib" 2>/dev/null \
-	  || $(PY) -m pip install -r requirements.txt
+	@$(call PIP_MISSING,-r requirements.txt)
 
 dev: install
-	$(PY) -c "import pytest, hypothesis, playwright, nbclient, ipykernel, gradio" 2>/dev/null \
-	  || $(PY) -m pip install -r requirements-dev.txt -r requirements-app.txt
+	@$(call PIP_MISSING,-r requirements-dev.txt -r requirements-app.txt)
 
 # the book and GPT-2's BPE files: ../shared, $$BOOKGPT_BOOK/$$BOOKGPT_GPT2_DIR, or fetched once into data/raw/testdata
 test: dev
@@ -44,10 +48,12 @@ speedrun: install
 	$(PY) bench.py config/speedrun_cpu.toml --speedrun=true --sample_tokens=0 --out=out/speedrun_cpu.json
 
 # on a GPU machine: prepare, bench, train bf16/fp16 with a SIGTERM resume, DDP, sample, evaluate, app;
-# writes out/gpu_check/report.md and report.json, exit status 1 if a check failed. Sized for under 8 minutes
-# on one H100/A100/4090 (not yet timed on one); no GPU? python gpu_check.py --device=cpu --tiny
-gpu-check: install
-	$(PY) gpu_check.py $(PREPARE_INPUT)
+# writes out/gpu_check/report.md and report.json, exit status 1 if a check failed. Installs nothing (it names
+# what is missing); CHECKS=bench, train or use runs one part (each under 5 minutes), the report merges them.
+# No GPU? python gpu_check.py --device=cpu --tiny
+CHECKS ?=
+gpu-check:
+	$(PY) gpu_check.py $(PREPARE_INPUT) $(if $(CHECKS),--checks=$(CHECKS),)
 
 # the committed code as one zip for Colab: upload it in notebooks/bookgpt_colab.ipynb's first cell
 colab:

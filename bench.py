@@ -514,6 +514,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.vocab_size == 0:
         meta_path = Path(cfg.data_dir) / "meta.json"
         cfg = replace(cfg, vocab_size=read_meta(Path(cfg.data_dir))["vocab_size"] if meta_path.is_file() else CHAR_VOCAB)
+        print(f"vocab_size {cfg.vocab_size}: " + (f"the data's ({meta_path})" if meta_path.is_file() else
+              f"War and Peace's characters (no {meta_path}: prepare the data, or pass --vocab_size)"), flush=True)
     res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                            "load_avg": list(os.getloadavg()), "machine": machine(device), "config": config_dict(cfg)}

@@ -28,7 +28,7 @@ import numpy as np
 
 from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
 from tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
-                       default_data_dir, make_tokenizer)
+                       default_data_dir, make_tokenizer, require_rustbpe)
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"
 # sha256 of DEFAULT_URL as tested (the same bytes as ../shared/data/pg2600.txt). Gutenberg
@@ -312,8 +312,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise UserError(f"unknown tokenizer '{cfg.tokenizer}'; choose one of {', '.join(KINDS)}")
     if cfg.split_layout not in ("blocks", "tail"):
         raise UserError(f"bad value for 'split_layout': {cfg.split_layout!r}; use one of blocks, tail")
-    if cfg.tokenizer == "bpe":
-        check_bpe_vocab_size(cfg.vocab_size)  # before any download
+    if cfg.tokenizer == "bpe":  # before any download
+        check_bpe_vocab_size(cfg.vocab_size)
+        require_rustbpe()
     if cfg.bpe_dropout and (cfg.tokenizer != "bpe" or not 0 < cfg.bpe_dropout < 1 or cfg.dropout_copies < 1):
         raise UserError(f"--bpe_dropout needs --tokenizer=bpe, a rate in (0, 1) and dropout_copies >= 1, got "
                         f"{cfg.tokenizer}, {cfg.bpe_dropout}, {cfg.dropout_copies}")

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -278,10 +279,22 @@ def check_bpe_vocab_size(vocab_size: int) -> None:
         raise UserError(f"bpe --vocab_size must be between 256 and 65536, got {vocab_size}")
 
 
+def require_rustbpe() -> Any:
+    """rustbpe, which learns the BPE (only prepare.py needs it: a trained run's tokenizer is tiktoken), or one
+    clear error saying how to get it, offline too."""
+    try:
+        import rustbpe
+    except ImportError:
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise UserError(f"rustbpe is not installed, and prepare.py learns the BPE with it: pip install rustbpe (offline: "
+                        f"`pip download rustbpe --only-binary=:all: --python-version {python} -d wheels/` on a machine "
+                        f"with internet, then here `pip install --no-index --find-links=wheels/ rustbpe`), or copy a data folder prepared elsewhere") from None
+    return rustbpe
+
+
 def train_bpe(text: str, vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE on `text` with rustbpe. Deterministic: same text, same ranks."""
-    import rustbpe  # only needed for training
-
+    rustbpe = require_rustbpe()
     check_bpe_vocab_size(vocab_size)
     trainer = rustbpe.Tokenizer()
     # One string, not lines: training then sees exactly the pre-tokenization that encoding will.

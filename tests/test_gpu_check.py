@@ -13,6 +13,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import UserError
+import gpu_check as G
 from gpu_check import CHECKS, compare_losses, main, stderr_tail
 from prepare import clean_text, decode_text
 
@@ -76,18 +77,22 @@ def test_tiny_cpu_run_passes_every_check_a_cpu_can_make(tiny_run: tuple[subproce
     assert targets["bookgpt MFU >= 40% on the 2x4090 shape"] == "skipped (not a GPU)"
     assert [s for t, s in targets.items() if "nanoGPT" in t] == ["not compared: pass --nanogpt=PATH"] * 2
 
-    # stopped by SIGTERM halfway, resumed: on a CPU the losses after the resume are exactly the unbroken run's
+    # stopped by SIGTERM halfway, resumed, deterministic kernels: the losses after the resume are the unbroken run's
     for name, prefix in (("train_bf16", "bf16"), ("train_fp16", "fp16")):
         fig = by_name[name]["figures"]
         assert 20 <= fig["resume_step"] < 40 and fig["compared"] >= 3
-        assert fig["max_abs_diff"] == 0.0 and fig["rel_tol"] == 0.0
+        assert fig["max_abs_diff"] == 0.0 and fig["rel_tol"] == 0.0 and fig["deterministic"] is True
         assert load_checkpoint(out / f"{prefix}_resumed" / "ckpt.pt")["iter_num"] == 40
         assert (out / f"{prefix}_straight" / "best.pt").is_file()
+        assert json.loads((out / f"{prefix}_resumed" / "config.json").read_text())["deterministic"] is True
     assert load_checkpoint(out / "fp16_straight" / "ckpt.pt")["scaler"] is not None  # the GradScaler path ran
-    ddp = load_checkpoint(out / "ddp_one_gpu" / "ckpt.pt")
-    assert ddp["iter_num"] == 60 and len(ddp["rng"]) == 2
+    # the two-GPU preset's path: two processes, two micro-batches each, stopped by SIGTERM and resumed
+    ddp = load_checkpoint(out / "ddp_2x4090" / "ckpt.pt")
+    assert ddp["iter_num"] == 40 and len(ddp["rng"]) == 2
+    assert json.loads((out / "ddp_2x4090" / "config.json").read_text())["gradient_accumulation_steps"] == 4
     ev = json.loads((out / "bf16_straight" / "eval.json").read_text())
     assert 0 < ev["likelihood"]["bpb"] < 10
+    assert "two threads" in by_name["app"]["details"]
 
     # the report: a table row per check, the targets, the commands as they ran
     md = (out / "report.md").read_text(encoding="utf-8")
@@ -95,37 +100,95 @@ def test_tiny_cpu_run_passes_every_check_a_cpu_can_make(tiny_run: tuple[subproce
     for name in CHECKS:
         assert f"| {name} | {'skipped' if name == 'ddp_nccl' else 'passed'} |" in md
     assert "## Targets" in md and "## Commands" in md
-    commands = rep["commands"]
+    commands = [cmd for c in rep["checks"] for cmd in c["commands"]]
     assert any(c.startswith("BOOKGPT_DIST_BACKEND=cpu:gloo ") and "torch.distributed.run" in c for c in commands)
     assert sum("--init_from=resume" in c for c in commands) == 3  # bf16, fp16 and DDP each resumed once
-    assert any("SIGTERM" in c for c in commands)
+    assert sum("SIGTERM" in c for c in commands) == 3
     assert len(list((out / "logs").glob("*.err"))) == len([c for c in commands if not c.startswith("#")])
 
 
 @pytest.mark.slow
-def test_a_failed_check_fails_the_run_and_the_later_checks_still_run(tmp_path: Path) -> None:
-    p = gpu_check("--device=cpu", "--tiny", f"--input={tmp_path / 'missing.txt'}", f"--data_dir={tmp_path / 'data'}",
-                  f"--out_dir={tmp_path / 'out'}", "--checks=prepare,bench_2x4090")
-    assert p.returncode == 1, p.stdout + p.stderr
-    by_name = checks(report(tmp_path / "out"))
-    assert by_name["prepare"]["status"] == "failed"
-    assert by_name["prepare"]["details"].startswith("prepare.py exited with status 2: error: input file not found")
-    assert by_name["bench_2x4090"]["status"] == "passed"  # it ran after the failure
-    assert (by_name["train_bf16"]["status"], by_name["train_bf16"]["details"]) == ("skipped", "not selected (--checks)")
-    md = (tmp_path / "out" / "report.md").read_text()
-    assert "| prepare | **FAILED** |" in md and "input file not found" in md
-    assert [l for l in p.stdout.splitlines() if l.startswith("prepare ")][0].split()[1] == "FAILED"
+def test_a_part_rerun_keeps_the_other_parts_in_the_report(tiny_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = tiny_run
+    before = checks(report(out))
+    p = gpu_check("--device=cpu", "--tiny", f"--data_dir={out.parent / 'data'}", f"--out_dir={out}", "--checks=use")
+    assert p.returncode == 0, p.stdout + p.stderr
+    ran = [l.split()[0] for l in p.stdout.splitlines() if l.split() and l.split()[0] in CHECKS]
+    assert ran == ["environment", "prepare", "ddp_2x4090", "ddp_nccl", "sample", "evaluate", "app"]
+    after = checks(report(out))
+    for name in ("bench_2x4090", "bench_best_gpu", "train_bf16", "train_fp16"):  # the other parts' results stand
+        assert after[name] == before[name]
+    assert after["sample"]["status"] == "passed" and after["sample"]["ran"]
 
 
 @pytest.mark.slow
-def test_a_missing_nanogpt_checkout_fails_the_benchmark(tmp_path: Path) -> None:
-    p = gpu_check("--device=cpu", "--tiny", "--nanogpt=/nonexistent", f"--out_dir={tmp_path / 'out'}",
-                  "--checks=bench_2x4090")
-    assert p.returncode == 1
+def test_a_failed_check_fails_the_run_and_the_later_checks_still_run(tmp_path: Path, book_slice: Path) -> None:
+    p = gpu_check("--device=cpu", "--tiny", "--nanogpt=/nonexistent", f"--input={book_slice}",
+                  f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--checks=bench_2x4090,train_bf16",
+                  "--steps=8")
+    assert p.returncode == 1, p.stdout + p.stderr
     rep = report(tmp_path / "out")
-    bench = checks(rep)["bench_2x4090"]
-    assert bench["status"] == "failed" and "no nanoGPT model.py in /nonexistent" in bench["details"]
+    by_name = checks(rep)
+    assert by_name["bench_2x4090"]["status"] == "failed"
+    assert "no nanoGPT model.py in /nonexistent" in by_name["bench_2x4090"]["details"]
+    assert by_name["train_bf16"]["status"] == "passed"  # it ran after the failure
+    assert (by_name["sample"]["status"], by_name["sample"]["details"]) == ("skipped", "not selected (--checks)")
     assert {t["status"] for t in rep["targets"] if "nanoGPT" in t["target"]} == {"not measured"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| bench_2x4090 | **FAILED** |" in md and "no nanoGPT model.py" in md
+    assert [l for l in p.stdout.splitlines() if l.startswith("bench_2x4090 ")][0].split()[1] == "FAILED"
+
+
+@pytest.mark.slow
+def test_data_that_cannot_be_prepared_is_one_line_and_no_later_check_runs(tmp_path: Path) -> None:
+    # offline, or the book's server down: a refused connection stands in (the tests never leave this machine)
+    p = gpu_check("--device=cpu", "--tiny", "--input=http://127.0.0.1:9/pg2600.txt", f"--data_dir={tmp_path / 'data'}",
+                  f"--out_dir={tmp_path / 'out'}")
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot prepare the BPE data in {tmp_path / 'data'}: "
+                                                   "prepare.py exited with status 2: error: download of")
+    by_name = checks(report(tmp_path / "out"))
+    assert by_name["prepare"]["status"] == "failed"
+    assert {by_name[n]["details"] for n in CHECKS[2:]} == {"not run: the BPE data could not be prepared"}
+    assert not list((tmp_path / "out" / "logs").glob("bench*"))
+
+
+@pytest.mark.parametrize("why, message", [("input", "input file not found: "), ("rustbpe", "rustbpe is not installed")])
+def test_what_prepare_would_lack_is_one_line_before_any_work(why: str, message: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any GPU work: a book that is not there, or rustbpe missing (a GPU box often lacks it), when the
+    data must be prepared. The rustbpe line says how to carry it in as a wheel."""
+    argv = ["--device=cpu", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}"]
+    if why == "input":
+        argv.append(f"--input={tmp_path / 'missing.txt'}")
+    else:
+        monkeypatch.setitem(sys.modules, "rustbpe", None)  # import rustbpe raises ImportError
+    with pytest.raises(UserError, match=message) as e:
+        main(argv)
+    if why == "rustbpe":
+        assert "pip install --no-index --find-links=wheels/ rustbpe" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_book_is_found_where_the_tests_find_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  book_path: Path) -> None:
+    monkeypatch.delenv("BOOKGPT_BOOK", raising=False)
+    assert G.find_book("x/book.txt") == "x/book.txt" and G.find_book("https://a/b.txt") == "https://a/b.txt"
+    copies = [p for p in G.BOOK_COPIES if p.is_file()]
+    assert G.find_book("") == (G.rel(copies[0]) if copies else "")
+    monkeypatch.setenv("BOOKGPT_BOOK", str(book_path))
+    assert G.find_book("") == G.rel(book_path)
+    monkeypatch.setattr(G, "BOOK_COPIES", ())
+    monkeypatch.delenv("BOOKGPT_BOOK")
+    assert G.find_book("") == ""  # nothing here: prepare.py's own cache, or its download
+
+
+def test_parts_name_their_checks() -> None:
+    assert G.chosen_checks("") == list(CHECKS)
+    assert G.chosen_checks("train") == ["environment", "prepare", "train_bf16", "train_fp16"]
+    assert G.chosen_checks("bench, sample") == ["environment", "prepare", "bench_2x4090", "bench_best_gpu", "sample"]
+    assert sorted(c for part in G.PARTS.values() for c in part) == sorted(set(CHECKS) - set(G.ALWAYS))
 
 
 @pytest.mark.slow
@@ -146,7 +209,7 @@ def test_default_cuda_without_a_gpu_is_a_user_error_with_everything_skipped(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, message", [(["--checks=train,sample"], "unknown check(s) train"),
+@pytest.mark.parametrize("argv, message", [(["--checks=training,sample"], "unknown check(s) training"),
                                            (["--device=mps"], "bad value for 'device'"),
                                            (["--steps=4"], "steps must be at least 8")])
 def test_bad_options_are_user_errors(argv: list[str], message: str, tmp_path: Path) -> None:
@@ -191,9 +254,9 @@ def test_stderr_tail_prefers_the_error_line_over_progress_bars() -> None:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_gpu_check_passes_the_book_on() -> None:
+def test_make_gpu_check_passes_the_book_and_the_part_on_and_installs_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # under `make test`: not a sub-make
     r = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "BOOK=../shared/data/pg2600.txt",
-                        "PY=python3"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+                        "CHECKS=train", "PY=python3"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "python3 gpu_check.py --input=../shared/data/pg2600.txt"
+    assert r.stdout.strip().splitlines() == ["python3 gpu_check.py --input=../shared/data/pg2600.txt --checks=train"]
