@@ -32,12 +32,15 @@ test-fast: dev
 
 # prepare the book (prepare.py's defaults: a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
 # evaluate it (the sampling temperature chosen on val prompts), and write three samples at that temperature
-# (a second make demo stops rather than overwrite the trained run: make clean first to retrain)
+# (a second make demo stops rather than overwrite the trained run: make clean first to retrain).
+# A quick try: make demo TRAIN_FLAGS="--max_iters=20" EVAL_FLAGS="--num_prompts=4 --baselines=false"
+TRAIN_FLAGS ?=
+EVAL_FLAGS ?=
 demo: install
 	$(PY) prepare.py $(PREPARE_INPUT) \
 	  || { echo "offline? point at a local copy of the book: make demo BOOK=path/to/pg2600.txt" >&2; exit 2; }
-	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN)
-	$(PY) evaluate.py --out_dir=$(RUN) --num_prompts=64 --temperature=0.6,0.65,0.7,0.75,0.8,0.9
+	$(PY) train.py config/wp_bpe_cpu.toml --out_dir=$(RUN) $(TRAIN_FLAGS)
+	$(PY) evaluate.py --out_dir=$(RUN) --num_prompts=64 --temperature=0.6,0.65,0.7,0.75,0.8,0.9 $(EVAL_FLAGS)
 	$(PY) sample.py --out_dir=$(RUN) --num_samples=3 --max_new_tokens=400 \
 	  --prompt="Prince Andrew looked at Pierre and"
 

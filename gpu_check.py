@@ -372,6 +372,10 @@ def check_train(c: Checker, dtype: str) -> str:
     # flash attention's backward and Inductor's scatter-adds accumulate in a random order unless told
     # otherwise (common.deterministic_kernels): without it two runs of one seed drift from the first step
     extra |= {"deterministic": "true", "eval_iters": 4 if c.cfg.tiny else 10}
+    if dtype == "fp16" and c.gpu and torch.cuda.is_bf16_supported(including_emulation=False):
+        # here fp16 stands in for a T4's numerics and GradScaler; its compiled kernels (Triton for sm75) have no
+        # stand-in, so it runs eager and spares a cold compile (~1 minute). A T4 runs this check compiled.
+        extra["compile"] = "false"
     c.run(name, ["train.py", *c.train_args(straight, steps, max(1, steps // 4), **extra)])
     at = c.train_stopped_and_resumed(name, ["train.py", *c.train_args(resumed, steps, max(1, steps // 4), **extra)],
                                      resumed, steps // 2)
@@ -382,7 +386,7 @@ def check_train(c: Checker, dtype: str) -> str:
     c.figures[name] = {"resume_step": at, "compared": cmp["compared"], "max_abs_diff": cmp["max_abs_diff"],
                        "rel_tol": 0.0, "tokens_per_s": train_a[-1].get("tokens_per_s"),
                        "val_loss": eval_a[-1]["val_loss"], "deterministic": True}
-    used = extra.get("dtype", "float32")
+    used = f"{extra.get('dtype', 'float32')}, {'compiled' if c.gpu and extra.get('compile') != 'false' else 'eager'}"
     details = (f"{used}, deterministic kernels, {train_a[-1].get('tokens_per_s', 0):,.0f} tokens/s, val "
                f"{eval_a[-1]['val_loss']:.3f}; SIGTERM at step {at}, resumed to {steps}: {cmp['compared']} losses "
                f"after it differ by at most {cmp['max_abs_diff']:.2e} (must be exactly equal)")

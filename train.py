@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -278,6 +279,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         f"(free some space, or choose another --out_dir, then --init_from=resume)") from None
     finally:
         if d.world > 1 and dist.is_initialized() and not lost:  # with a peer gone, teardown could hang
+            # the run's objects sit in reference cycles (torch's optimizers make some), DDP among them with the
+            # process group: free them now, or gloo's threads may outlive the interpreter and abort at exit
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -360,6 +360,7 @@ try:
 except UserError as e:
     said = f"stopped: {e}"
 open(os.path.join(os.environ["RECORD_DIR"], f"rank{d.rank}.txt"), "w").write(said)
+torch.distributed.destroy_process_group()  # as train.py does: gloo's threads must not outlive the interpreter
 '''
 
 
