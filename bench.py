@@ -227,11 +227,14 @@ class TrainRun:
         (no SDPA op: model.py's own softmax(QK^T)V, which it uses for bf16 on a CPU)."""
         from torch.profiler import ProfilerActivity, profile
         x, y = (t[:1] for t in self.batches[0])
-        with warnings.catch_warnings(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            warnings.simplefilter("ignore")  # SDPA explains each backend it skips; the op names say it all
-            with self.kernels(), self.ctx:
-                _, loss = self.model(x, y)
-            loss.backward()
+        with warnings.catch_warnings():
+            # SDPA explains each backend it skips, and some torch releases warn about the profiler's cycles
+            # as it starts: the op names say it all
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with self.kernels(), self.ctx:
+                    _, loss = self.model(x, y)
+                loss.backward()
         self.model.zero_grad(set_to_none=True)
         names = {e.key for e in prof.key_averages()}
         found = [label for key, label in SDPA_OPS if any(key in n for n in names)]

@@ -354,6 +354,17 @@ def test_download_failure_is_one_clear_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not any((tmp_path / "raw").glob("*"))
 
 
+def test_bpe_without_rustbpe_is_one_line_before_any_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU box often has no rustbpe (and no internet): say so, and how to bring it as a wheel, before anything."""
+    monkeypatch.setitem(sys.modules, "rustbpe", None)  # import rustbpe raises ImportError
+    monkeypatch.setattr(P, "download", lambda *a, **k: pytest.fail("downloaded before checking rustbpe"))
+    with pytest.raises(UserError, match=r"^rustbpe is not installed, and prepare.py learns the BPE with it: pip install "
+                                        r"rustbpe \(offline: `pip download rustbpe --only-binary=:all: --python-version "
+                                        rf"{sys.version_info.major}\.{sys.version_info.minor} -d wheels/`"):
+        P.prepare(cfg(tmp_path, tokenizer="bpe", input="https://example.org/book.txt"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_download_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import requests
 
