@@ -24,7 +24,7 @@ PYTHON=${PYTHON:-$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12}
 BOOK=${BOOK:-$ROOT/../shared/data/pg2600.txt}
 say() { printf '\n== %s\n' "$*"; }
 fail() { echo "REHEARSAL FAILED: $*" >&2; exit 1; }
-offline() { unshare -n bash -c 'ip link set lo up && cd "$0" && PATH="$1/bin:$PATH" && shift 2 && "$@"' "$WORK/repo" "$VENV" "$@"; }
+offline() { unshare -n bash -c 'ip link set lo up && cd "$0" && PATH="$1/bin:$PATH" && shift && "$@"' "$WORK/repo" "$VENV" "$@"; }
 
 say "setup (online): a venv with torch $TORCH and what a GPU image has, rustbpe's wheel to carry"
 mkdir -p "$WORK"
