@@ -56,7 +56,7 @@ speedrun: install
 # No GPU? python gpu_check.py --device=cpu --tiny
 CHECKS ?=
 gpu-check:
-	$(PY) gpu_check.py $(PREPARE_INPUT) $(if $(CHECKS),--checks=$(CHECKS),)
+	$(PY) gpu_check.py $(PREPARE_INPUT)$(if $(CHECKS), --checks=$(CHECKS),)
 
 # the committed code as one zip for Colab: upload it in notebooks/bookgpt_colab.ipynb's first cell
 colab:

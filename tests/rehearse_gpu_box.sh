@@ -78,4 +78,4 @@ text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for 
 assert "pip install" not in text and "Collecting" not in text, "the notebook installed something"
 print("notebook ran top to bottom:", len(nb.cells), "cells")'
 
-say "the GPU box rehearsal passed: torch $TORCH, $("$VENV/bin/python" --version), no network"
+say "the GPU box rehearsal passed: torch $TORCH, $("$VENV/bin/python" --version), no network, in ${SECONDS} s"
