@@ -343,7 +343,8 @@ class Trainer:
         if self.compiled is not None:
             self.model = self.compiled
         self.ddp = wrap_ddp(self.model, self.device) if d.world > 1 else None
-        self.model = self.ddp or self.model
+        if self.ddp is not None:
+            self.model = self.ddp
         self.ctx = autocast(self.device, self.dtype)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
         self.lr = cfg.learning_rate
@@ -608,8 +609,8 @@ class Trainer:
 # that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
 MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
                         "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "target_val_bpb", "wandb_log",
-                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "deterministic", "threads",
-                        "overwrite", *(f.name for f in fields(GPTConfig))}
+                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "deterministic",
+                        "threads", "overwrite", *(f.name for f in fields(GPTConfig))}
 
 
 def load_config(argv: list[str]) -> TrainConfig:

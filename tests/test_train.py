@@ -459,6 +459,40 @@ def test_torchrun_refuses_what_nccl_would_refuse(monkeypatch: pytest.MonkeyPatch
         distributed.setup_distributed("cuda:0")
 
 
+def test_cuda_gloo_lets_more_processes_than_gpus_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How one GPU runs the two-GPU preset as it is (device=cuda): process i takes GPU i modulo the GPUs."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: chosen.append(kw["backend"]))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("BOOKGPT_DIST_BACKEND", "cuda:gloo")
+    d = distributed.setup_distributed("cuda")
+    assert (d.device, d.rank, d.world) == ("cuda:0", 1, 2) and chosen == [0, "cuda:gloo"]
+
+
+def test_deterministic_kernels_are_on_for_the_run_only(tiny_char_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_run = train_mod.Trainer.run
+
+    def run(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_run(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "run", run)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the teardown removes what the run sets
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    for out, flag in ((tmp_path / "a", "true"), (tmp_path / "b", "false")):
+        train(parse_config(TrainConfig, tiny_train_args(tiny_char_data, out, max_iters=4, deterministic=flag)))
+    assert seen == [(True, ":4096:8"), (False, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    # on a CPU the kernels are deterministic anyway: the same losses either way
+    assert [r["loss"] for r in records(tmp_path / "a", "train")] == [r["loss"] for r in records(tmp_path / "b", "train")]
+
+
 class HostReads(TorchDispatchMode):
     """Records every op that makes the host wait for a tensor's value (.item(), bool(), nonzero)."""
 
