@@ -7,13 +7,11 @@ generation, each through the project's own scripts.
     python gpu_check.py --nanogpt=../nanoGPT      # also race nanoGPT's model.py in the benchmarks
     python gpu_check.py --device=cpu --tiny       # the same checks at a tiny size on a machine without a GPU
 
-Installs and downloads nothing that is here already: the book comes from --input, else $BOOKGPT_BOOK,
-../shared/data/pg2600.txt, data/raw/testdata/data/pg2600.txt or prepare.py's download cache (it is
-downloaded only when none of these exists), and a missing package is one error line before any work.
-Writes out_dir/report.md and report.json (checks of an earlier part on the same machine kept), and every
-command's output in out_dir/logs. Exit status 1 if a check failed, 0 if every check that ran passed, 2
-when there is no GPU here or the data cannot be prepared. Assertions only a GPU can make (flash
-attention, NCCL) are reported "skipped (not a GPU)" on a CPU.
+Installs nothing, and downloads the book only when no copy is here (find_book); a missing package is one
+error line before any work. Writes out_dir/report.md and report.json (an earlier part's checks on this
+machine kept) and every command's output in out_dir/logs. Exit status 1 if a check failed, 0 if every
+check that ran passed, 2 with no GPU here or data that cannot be prepared. Assertions only a GPU can
+make (flash attention, NCCL) are reported "skipped (not a GPU)" on a CPU.
 """
 from __future__ import annotations
 
@@ -145,15 +143,12 @@ def pct(x: float | None) -> str:
 
 def workers(pid: int) -> list[int]:
     """The processes torchrun `pid` started (Linux's /proc): the training processes themselves."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    def parent(stat: Path) -> int:
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            return int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
-            continue  # a process that ended while we looked
-        if ppid == pid:
-            found.append(int(stat.parent.name))
-    return found
+            return -1  # a process that ended while we looked
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if parent(stat) == pid]
 
 
 class Checker:
@@ -256,20 +251,16 @@ class Checker:
         return at
 
 
-def summary_of(out: Path) -> dict[str, Any]:
-    """The summary record a finished train.py run wrote last in its metrics.jsonl."""
-    from common import read_metrics, records_of
-    found = records_of(read_metrics(out / "metrics.jsonl")[0], "summary")
-    if not found:
-        raise Failed(f"{rel(out)}/metrics.jsonl has no summary: the run did not finish")
-    return found[-1]
-
-
 def compiled_as_asked(*runs: Path) -> None:
-    """A compile that fell back to eager is a failure here: the GPU path is the compiled one."""
+    """Each run finished (its metrics.jsonl ends in a summary) without a compile that fell back to eager: the
+    GPU path is the compiled one."""
+    from common import read_metrics, records_of
     for out in runs:
-        if error := summary_of(out).get("compile_error"):
-            raise Failed(f"torch.compile fell back to eager in {rel(out)}: {error}")
+        summary = (records_of(read_metrics(out / "metrics.jsonl")[0], "summary") or [None])[-1]
+        if summary is None:
+            raise Failed(f"{rel(out)}/metrics.jsonl has no summary: the run did not finish")
+        if summary.get("compile_error"):
+            raise Failed(f"torch.compile fell back to eager in {rel(out)}: {summary['compile_error']}")
 
 
 # ----------------------------------------------------------------------------- the checks, in order
@@ -491,15 +482,12 @@ FUNCS: dict[str, Callable[[Checker], str]] = {
     "sample": check_sample, "evaluate": check_evaluate, "app": check_app}
 
 
-# ----------------------------------------------------------------------------- before any work
-
 def preflight(c: Checker) -> None:
     """What the checks need and cannot get without a network, as one error line before any GPU work."""
-    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"missing Python package(s): {' '.join(missing)}; pip install {' '.join(missing)} (offline: "
-                        f"`pip download {' '.join(missing)} -d wheels/` on a machine with internet, then here "
-                        f"`pip install --no-index --find-links=wheels/ {' '.join(missing)}`)")
+    if missing := " ".join(m for m in NEEDS if importlib.util.find_spec(m) is None):
+        raise UserError(f"missing Python package(s): {missing}; pip install {missing} (offline: `pip download {missing} "
+                        f"-d wheels/` on a machine with internet, then `pip install --no-index --find-links=wheels/ "
+                        f"{missing}` here)")
     if not (c.data / "meta.json").is_file():
         from tokenizer import require_rustbpe
         require_rustbpe()  # the BPE is learned here: say how to get rustbpe, or to copy prepared data
@@ -516,11 +504,9 @@ def merge(c: Checker, results: list[dict[str, Any]], name: str) -> tuple[list[di
     targets = list(c.targets.values())
     try:
         earlier = json.loads((c.out / "report.json").read_text(encoding="utf-8"))
-        same = [earlier["device_name"], earlier["torch"], earlier["config"]["tiny"]] == [name, torch.__version__,
-                                                                                        c.cfg.tiny]
+        if (earlier["device_name"], earlier["torch"], earlier["config"]["tiny"]) != (name, torch.__version__, c.cfg.tiny):
+            return results, targets
     except (OSError, ValueError, KeyError, TypeError):
-        same = False
-    if not same:
         return results, targets
     kept = {r["name"]: r for r in earlier["checks"] if r.get("ran")}
     merged = [r if r["ran"] or r["name"] not in kept else kept[r["name"]] for r in results]
