@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -158,3 +159,18 @@ def test_a_runs_config_json_is_a_config_file(tmp_path: Path) -> None:
     saved.write_text("[1, 2]")
     with pytest.raises(UserError, match="is not a JSON object of key: value pairs"):
         parse_config(TrainConfig, [str(saved)])
+
+
+def test_make_install_asks_pip_offline_first_and_keeps_a_torch_in_range() -> None:
+    """A GPU box's own CUDA torch stays: requirements.txt gives torch a lower bound, not a pin, and make asks pip
+    with --no-index first, so a machine that has everything installs nothing and never reaches the network."""
+    torch_lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("torch")]
+    assert torch_lines == ["torch>=2.11"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # under `make test`: not a sub-make
+    r = subprocess.run(["make", "--no-print-directory", "-n", "dev", "PY=python3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [l.split(" || ")[0] for l in lines] == [
+        "python3 -m pip install -q --no-index -r requirements.txt >/dev/null 2>&1",
+        "python3 -m pip install -q --no-index -r requirements-dev.txt -r requirements-app.txt >/dev/null 2>&1"]
