@@ -30,6 +30,13 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2."""
 
 
+def pip_hint(packages: str) -> str:
+    """How to install `packages` (space-separated), online and on a machine without internet (wheels carried in)."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (f"pip install {packages} (offline: `pip download {packages} --only-binary=:all: --python-version {python} "
+            f"-d wheels/` on a machine with internet, then here `pip install --no-index --find-links=wheels/ {packages}`)")
+
+
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with a help string (shown by --help)."""
     return dataclasses.field(default=default, metadata={"help": help})

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
+from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint
 
 ROOT = Path(__file__).resolve().parent
 CHECKS = ("environment", "prepare", "bench_2x4090", "bench_best_gpu", "train_bf16", "train_fp16",
@@ -485,9 +485,7 @@ FUNCS: dict[str, Callable[[Checker], str]] = {
 def preflight(c: Checker) -> None:
     """What the checks need and cannot get without a network, as one error line before any GPU work."""
     if missing := " ".join(m for m in NEEDS if importlib.util.find_spec(m) is None):
-        raise UserError(f"missing Python package(s): {missing}; pip install {missing} (offline: `pip download {missing} "
-                        f"-d wheels/` on a machine with internet, then `pip install --no-index --find-links=wheels/ "
-                        f"{missing}` here)")
+        raise UserError(f"missing Python package(s): {missing}; {pip_hint(missing)}")
     if not (c.data / "meta.json").is_file():
         from tokenizer import require_rustbpe
         require_rustbpe()  # the BPE is learned here: say how to get rustbpe, or to copy prepared data

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from config import UserError
+from config import UserError, pip_hint
 
 KINDS = ("char", "byte", "gpt2", "bpe")
 META_FILE = "meta.json"
@@ -285,10 +284,8 @@ def require_rustbpe() -> Any:
     try:
         import rustbpe
     except ImportError:
-        python = f"{sys.version_info.major}.{sys.version_info.minor}"
-        raise UserError(f"rustbpe is not installed, and prepare.py learns the BPE with it: pip install rustbpe (offline: "
-                        f"`pip download rustbpe --only-binary=:all: --python-version {python} -d wheels/` on a machine "
-                        f"with internet, then here `pip install --no-index --find-links=wheels/ rustbpe`), or copy a data folder prepared elsewhere") from None
+        raise UserError(f"rustbpe is not installed, and prepare.py learns the BPE with it: {pip_hint('rustbpe')}, or "
+                        "copy a data folder prepared elsewhere") from None
     return rustbpe
 
 
