@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from checkpoint import FILES, checkpoint_path, load_for_inference, newest_run
-from common import read_metrics, records_of, resolve_device, resolve_dtype
-from config import UserError, cli, opt, parse_config
+from bookgpt.checkpoint import FILES, checkpoint_path, load_for_inference, newest_run
+from bookgpt.common import read_metrics, records_of, resolve_device, resolve_dtype
+from bookgpt.config import UserError, cli, opt, parse_config
 from sample import MAX_NEW_TOKENS, TOP_K, TOP_P, check_sampling, encode_prompt, run_temperature, stream_text
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway

@@ -39,13 +39,13 @@ from typing import Any, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import CompiledWithFallback, autocast, native_bf16, resolve_device, resolve_dtype, sync
-from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from bookgpt.common import CompiledWithFallback, autocast, native_bf16, resolve_device, resolve_dtype, sync
+from bookgpt.config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
 from model import GPT, GPTConfig, training_flops
-from optim import WeightAverage, make_optimizers, optimizer_step
+from bookgpt.optim import WeightAverage, make_optimizers, optimizer_step
 from sample import TEMPERATURE, TOP_K, TOP_P
-from tokenizer import read_meta
-from batches import Batches
+from bookgpt.tokenizer import read_meta
+from bookgpt.batches import Batches
 from train import TrainConfig, forward_backward, train_step, validate
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (GeForce cards: with fp32

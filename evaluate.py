@@ -41,15 +41,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines import cached_baselines
-from checkpoint import data_difference, load_for_inference
-from common import autocast, likelihood_figures, read_metrics, records_of, resolve_device, resolve_dtype
-from config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
-from mixture import ensemble, ngram_mixture, parse_orders
-from report import output_names, plot_bpb, plot_curves, print_summary, write_report
+from bookgpt.eval.baselines import cached_baselines
+from bookgpt.checkpoint import data_difference, load_for_inference
+from bookgpt.common import autocast, likelihood_figures, read_metrics, records_of, resolve_device, resolve_dtype
+from bookgpt.config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from bookgpt.eval.mixture import ensemble, ngram_mixture, parse_orders
+from bookgpt.eval.report import output_names, plot_bpb, plot_curves, print_summary, write_report
 from sample import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file
-from textstats import COPY_CAP, MISSPELL_CAP, TrainIndex, memorisation, style_distance, style_stats, themes
-from tokenizer import read_meta
+from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, TrainIndex, memorisation, style_distance, style_stats, themes
+from bookgpt.tokenizer import read_meta
 
 @dataclass
 class EvalConfig:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint
+from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint
 
 ROOT = Path(__file__).resolve().parent
 CHECKS = ("environment", "prepare", "bench_2x4090", "bench_best_gpu", "train_bf16", "train_fp16",
@@ -227,8 +227,8 @@ class Checker:
         """Run train.py (or torchrun: args start with -m) into `out`, SIGTERM its training processes once step
         `stop_at` is logged (train.py finishes the step, saves ckpt.pt, exits 0), then resume it to the end.
         Returns the step the stopped run saved."""
-        from checkpoint import load_checkpoint
-        from common import read_metrics, records_of
+        from bookgpt.checkpoint import load_checkpoint
+        from bookgpt.common import read_metrics, records_of
         p, log = self.start(check, args, env)
         started = time.monotonic()
         while p.poll() is None and time.monotonic() < started + self.cfg.timeout:
@@ -254,7 +254,7 @@ class Checker:
 def compiled_as_asked(*runs: Path) -> None:
     """Each run finished (its metrics.jsonl ends in a summary) without a compile that fell back to eager: the
     GPU path is the compiled one."""
-    from common import read_metrics, records_of
+    from bookgpt.common import read_metrics, records_of
     for out in runs:
         summary = (records_of(read_metrics(out / "metrics.jsonl")[0], "summary") or [None])[-1]
         if summary is None:
@@ -266,7 +266,7 @@ def compiled_as_asked(*runs: Path) -> None:
 # ----------------------------------------------------------------------------- the checks, in order
 
 def check_environment(c: Checker) -> str:
-    from common import resolve_dtype
+    from bookgpt.common import resolve_dtype
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = [torch.cuda.get_device_name(i) for i in range(n)]
     caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(n)})
@@ -350,7 +350,7 @@ def cpu_fp16_problem() -> str:
 def check_train(c: Checker, dtype: str) -> str:
     """An unbroken run, and one stopped by SIGTERM halfway then resumed, both with deterministic kernels:
     the losses after the resume must be the unbroken run's, digit for digit."""
-    from common import read_metrics, records_of
+    from bookgpt.common import read_metrics, records_of
     name, steps = f"train_{dtype}", c.cfg.steps
     extra = {"dtype": "float16"} if dtype == "fp16" else {"dtype": "bfloat16"} if c.gpu else {}  # CPU: float32
     if dtype == "fp16" and not c.gpu and (why := cpu_fp16_problem()):
@@ -391,7 +391,7 @@ def check_ddp(c: Checker, name: str) -> str:
     GPU), compile on, two micro-batches per process (no_sync on the first), stopped by SIGTERM and resumed;
     ckpt.pt must hold both processes' random streams. One GPU shares itself over cuda:gloo (NCCL's rules);
     ddp_nccl runs the same over NCCL when two GPUs are visible."""
-    from checkpoint import load_checkpoint
+    from bookgpt.checkpoint import load_checkpoint
     if name == "ddp_nccl":
         if not c.gpu:
             raise Skipped("not a GPU")
@@ -487,7 +487,7 @@ def preflight(c: Checker) -> None:
     if missing := " ".join(m for m in NEEDS if importlib.util.find_spec(m) is None):
         raise UserError(f"missing Python package(s): {missing}; {pip_hint(missing)}")
     if not (c.data / "meta.json").is_file():
-        from tokenizer import require_rustbpe
+        from bookgpt.tokenizer import require_rustbpe
         require_rustbpe()  # the BPE is learned here: say how to get rustbpe, or to copy prepared data
         c.book = find_book(c.cfg.input)
         if c.book and "://" not in c.book and not (ROOT / c.book).is_file():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import opt
+from bookgpt.config import opt
 
 
 # Under bf16 autocast QK-norm normalises bf16 queries and keys with float32 gains: torch computes that

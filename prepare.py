@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
-from tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
+from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
+from bookgpt.tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
                        default_data_dir, make_tokenizer, require_rustbpe)
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"

@@ -18,10 +18,10 @@ from typing import Iterator
 
 import torch
 
-from checkpoint import load_for_inference
-from config import UserError, cli, opt, parse_config
+from bookgpt.checkpoint import load_for_inference
+from bookgpt.config import UserError, cli, opt, parse_config
 from model import GPT
-from common import autocast, resolve_device, resolve_dtype
+from bookgpt.common import autocast, resolve_device, resolve_dtype
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
 # The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: no top-k or

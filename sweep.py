@@ -46,12 +46,12 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from common import read_metrics
-from config import (UserError, apply_overrides, atomic_write_json, cli, load_toml, unknown_key,
+from bookgpt.common import read_metrics
+from bookgpt.config import (UserError, apply_overrides, atomic_write_json, cli, load_toml, unknown_key,
                     config_dict, format_help, opt, read_toml, split_argv)
-from sweep_results import (_duration, _format_arg, _format_value, finished_summary, read_record, result_row,
+from bookgpt.sweeps import (_duration, _format_arg, _format_value, finished_summary, read_record, result_row,
                            write_results)
-from tokenizer import prepare_hint
+from bookgpt.tokenizer import prepare_hint
 from train import TrainConfig, validate
 
 TRAIN = Path(__file__).resolve().parent / "train.py"

@@ -30,15 +30,15 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from checkpoint import FILES, check_resumable, checkpoint_path, load_checkpoint, newest_run, save_checkpoint
-from common import (CompiledWithFallback, autocast, bits_per_byte, deterministic_kernels, device_rng_state, read_metrics,
+from bookgpt.checkpoint import FILES, check_resumable, checkpoint_path, load_checkpoint, newest_run, save_checkpoint
+from bookgpt.common import (CompiledWithFallback, autocast, bits_per_byte, deterministic_kernels, device_rng_state, read_metrics,
                     resolve_device, resolve_dtype, set_device_rng_state)
-from config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
-from distill import Teacher, distill_loss
-from batches import Batches, Loader, read_data_meta
-from distributed import DDP, Dist, StopFlag, setup_distributed, wrap_ddp
+from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, config_dict, opt, parse_config, split_argv
+from bookgpt.distill import Teacher, distill_loss
+from bookgpt.batches import Batches, Loader, read_data_meta
+from bookgpt.distributed import DDP, Dist, StopFlag, setup_distributed, wrap_ddp
 from model import GPT, GPTConfig
-from optim import WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr
+from bookgpt.optim import WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr
 
 
 @dataclass

@@ -18,8 +18,8 @@ import pytest
 
 import app
 from app import find_runs, val_bpb
-from checkpoint import load_for_inference
-from config import UserError, parse_config
+from bookgpt.checkpoint import load_for_inference
+from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
 from sample import TEMPERATURE, TOP_K, TOP_P, stream_text
 from train import TrainConfig, train

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 import prepare
 import sample
 import train
-from checkpoint import load_checkpoint, load_for_inference
-from config import UserError, cli, parse_config
+from bookgpt.checkpoint import load_checkpoint, load_for_inference
+from bookgpt.config import UserError, cli, parse_config
 from conftest import tiny_train_args
-from tokenizer import load_tokenizer
+from bookgpt.tokenizer import load_tokenizer
 
 
 def tiny(data: Path, out: Path, **kw) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import baselines as B
+from bookgpt.eval import baselines as B
 
 
 def test_kneser_ney_matches_a_hand_calculation() -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench import BenchConfig, cache_verdict, device_peaks, gpu_peak_tflops, throughput
-from common import native_bf16
-from config import UserError, parse_config
+from bookgpt.common import native_bf16
+from bookgpt.config import UserError, parse_config
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import check_resumable, data_difference, load_checkpoint, load_for_inference, save_checkpoint, unwrap
-from common import CompiledWithFallback
-from config import UserError, parse_config
+from bookgpt.checkpoint import check_resumable, data_difference, load_checkpoint, load_for_inference, save_checkpoint, unwrap
+from bookgpt.common import CompiledWithFallback
+from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
 from train import TrainConfig, train

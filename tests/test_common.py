@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-import common
-from common import (CompiledWithFallback, device_rng_state, resolve_device, resolve_dtype, set_device_rng_state,
+from bookgpt import common
+from bookgpt.common import (CompiledWithFallback, device_rng_state, resolve_device, resolve_dtype, set_device_rng_state,
                     sync)
-from config import UserError
+from bookgpt.config import UserError
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
+from bookgpt.config import UserError, atomic_write_bytes, config_dict, parse_config, split_argv
 from model import GPTConfig
 from prepare import PrepareConfig
-from tokenizer import default_data_dir
+from bookgpt.tokenizer import default_data_dir
 import train as train_mod
 from train import TrainConfig, validate
 

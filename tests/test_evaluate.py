@@ -16,12 +16,12 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate as E
-import report
-from config import UserError, parse_config
+from bookgpt.eval import report
+from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from common import bits_per_byte, read_metrics, records_of
-from tokenizer import load_tokenizer
+from bookgpt.common import bits_per_byte, read_metrics, records_of
+from bookgpt.tokenizer import load_tokenizer
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import train as train_mod
-from checkpoint import load_checkpoint
-from config import UserError, parse_config
+from bookgpt.checkpoint import load_checkpoint
+from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
 from train import Metrics, TrainConfig, train
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
-from config import UserError
+from bookgpt.checkpoint import load_checkpoint
+from bookgpt.config import UserError
 import gpu_check as G
 from gpu_check import CHECKS, compare_losses, main, stderr_tail
 from prepare import clean_text, decode_text

@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 
-from mixture import mixture_weights
+from bookgpt.eval.mixture import mixture_weights
 
 
 def loglik(w: np.ndarray, p: np.ndarray) -> float:

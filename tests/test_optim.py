@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optim import Muon, WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
+from bookgpt.optim import Muon, WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
 from train import TrainConfig
 
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import prepare as P
 import testdata
-from config import UserError
-from tokenizer import load_tokenizer
+from bookgpt.config import UserError
+from bookgpt.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_for_inference
-from config import parse_config
+from bookgpt.checkpoint import load_for_inference
+from bookgpt.config import parse_config
 from conftest import tiny_train_args
 from sample import stream_text
 from train import TrainConfig, train

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import sweep as S
-import sweep_results as R
-from config import UserError
+from bookgpt import sweeps as R
+from bookgpt.config import UserError
 from conftest import ROOT, tiny_train_args
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-import textstats as T
+from bookgpt.eval import textstats as T
 
 
 def test_memorisation_of_a_copy_is_total_and_of_shuffled_text_near_zero(book_text: str) -> None:

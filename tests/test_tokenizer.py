@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenizer as T
-from config import UserError
+from bookgpt import tokenizer as T
+from bookgpt.config import UserError
 from prepare import clean_text, decode_text
 
 # Session-scoped, so hypothesis tests may use them too.
@@ -278,7 +278,7 @@ def test_sha256_constants_match_the_shared_files(gpt2_dir: Path) -> None:
 
 
 def test_a_plain_quote_in_a_char_prompt_names_the_books_quotes() -> None:
-    from tokenizer import CharTokenizer
+    from bookgpt.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("“Well,” he said. It’s so.\n")
     with pytest.raises(UserError, match=r"""does not know: "'", 'x'; the book writes ’ “ ” instead: use those$"""):

@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import batches
-import distributed
+from bookgpt import batches
+from bookgpt import distributed
 import train as train_mod
-from checkpoint import checkpoint_path, load_checkpoint
-from common import autocast, bits_per_byte
-from config import UserError, config_dict, parse_config
+from bookgpt.checkpoint import checkpoint_path, load_checkpoint
+from bookgpt.common import autocast, bits_per_byte
+from bookgpt.config import UserError, config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from optim import make_optimizers
-from distill import Teacher, distill_loss
+from bookgpt.optim import make_optimizers
+from bookgpt.distill import Teacher, distill_loss
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,8 +348,8 @@ NAN_DRIVER = r'''
 import os, sys, types
 sys.path.insert(0, os.getcwd())
 import torch
-from config import UserError
-from distributed import setup_distributed
+from bookgpt.config import UserError
+from bookgpt.distributed import setup_distributed
 from train import Trainer
 d = setup_distributed("cpu")
 losses = [torch.tensor(3.0), torch.tensor(float("nan") if d.rank == 1 else 2.5), torch.tensor(2.0)]

@@ -49,7 +49,7 @@ def fetch() -> None:
     """Download what is missing into data/raw/testdata/, each file checked against its known sha256."""
     sys.path.insert(0, str(ROOT))
     from prepare import DEFAULT_SHA256, DEFAULT_URL, download, sha256
-    from tokenizer import GPT2_FILE_HASHES
+    from bookgpt.tokenizer import GPT2_FILE_HASHES
 
     wanted = [] if book() else [(DEFAULT_URL, FETCHED / BOOK, DEFAULT_SHA256)]
     if not gpt2_dir():

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import optim  # noqa: E402
+from bookgpt import optim  # noqa: E402
 
 VIEWS = {"expand", "view", "_unsafe_view", "transpose", "t", "unbind", "select", "alias", "detach", "permute", "slice"}
 SHAPES = [(1536, 512), (512, 512), (2048, 512), (512, 2048)] * 8  # c_attn, attn c_proj, c_fc, mlp c_proj

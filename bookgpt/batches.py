@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import UserError
-from tokenizer import read_meta
+from bookgpt.config import UserError
+from bookgpt.tokenizer import read_meta
 
 
 class Batches:

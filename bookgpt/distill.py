@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_path, data_difference, load_checkpoint, model_from_checkpoint
-from config import UserError
+from bookgpt.checkpoint import checkpoint_path, data_difference, load_checkpoint, model_from_checkpoint
+from bookgpt.config import UserError
 
 
 class Teacher(torch.nn.Module):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from config import atomic_write_json
+from bookgpt.config import atomic_write_json
 
 
 def unigram_bpb(train: bytes, heldout: bytes) -> float:

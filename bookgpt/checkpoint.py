@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from config import UserError, atomic_open
+from bookgpt.config import UserError, atomic_open
 from model import GPT, GPTConfig
 
 FORMAT, VERSION = "bookgpt", 1
@@ -140,7 +140,7 @@ def newest_run(root: str | Path = "out") -> Path:
 def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
     """The trained model (eval mode, on device) and info: config, meta, tokenizer, iter_num, best_val_loss,
     path, out_dir. An empty out_dir means the newest run under out/."""
-    from tokenizer import tokenizer_from_meta  # here, so model-only users need not import tokenizer deps
+    from bookgpt.tokenizer import tokenizer_from_meta  # here, so model-only users need not import tokenizer deps
 
     out_dir = Path(out_dir) if str(out_dir) else newest_run()
     if not out_dir.is_dir():

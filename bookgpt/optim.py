@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from common import native_bf16
+from bookgpt.common import native_bf16
 
 
 # ----------------------------------------------------------------------------- Muon

@@ -7,9 +7,9 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from baselines import baseline_label
-from config import atomic_write_bytes
-from textstats import COPY_CAP, MISSPELL_CAP, NAMES
+from bookgpt.eval.baselines import baseline_label
+from bookgpt.config import atomic_write_bytes
+from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, NAMES
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from baselines import find_sorted
+from bookgpt.eval.baselines import find_sorted
 
 
 # ----------------------------------------------------------------------------- memorisation

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from config import UserError
+from bookgpt.config import UserError
 
 
 # ----------------------------------------------------------------------------- device and precision

@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import read_metrics
-from config import atomic_write_bytes
+from bookgpt.common import read_metrics
+from bookgpt.config import atomic_write_bytes
 
 if TYPE_CHECKING:
     from sweep import Run, Sweep

@@ -32,7 +32,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from config import UserError, pip_hint
+from bookgpt.config import UserError, pip_hint
 
 KINDS = ("char", "byte", "gpt2", "bpe")
 META_FILE = "meta.json"

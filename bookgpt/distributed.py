@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from config import UserError
+from bookgpt.config import UserError
 
 DDP = torch.nn.parallel.DistributedDataParallel
 
