@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from bookgpt.checkpoint import FILES, checkpoint_path, load_for_inference, newest_run
+from bookgpt.checkpoint import FILES, checkpoint_path, load_run, newest_run
 from bookgpt.common import read_metrics, records_of, resolve_device, resolve_dtype
 from bookgpt.config import UserError, cli, opt, parse_config
-from sample import MAX_NEW_TOKENS, TOP_K, TOP_P, check_sampling, encode_prompt, run_temperature, stream_text
+from bookgpt.sampling import MAX_NEW_TOKENS, TOP_K, TOP_P, check_sampling, encode_prompt, run_temperature, stream_text
+from model import GPT
 
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).
@@ -104,10 +105,11 @@ class Runs:
         if out_dir != self.cfg.out_dir and out_dir not in self.choices():  # the API could name any path
             raise UserError(f"unknown run '{out_dir}': choose one of {', '.join(self.choices())}")
         path = checkpoint_path(out_dir, self.cfg.ckpt)
-        stamp = path.stat().st_mtime_ns if path.is_file() else -1  # no file: load_for_inference says so
+        stamp = path.stat().st_mtime_ns if path.is_file() else -1  # no file: load_run says so
         with self.lock:
             if out_dir not in self.loaded or self.loaded[out_dir][0] != stamp:
-                self.loaded[out_dir] = (stamp, *load_for_inference(out_dir, self.cfg.ckpt, self.device))
+                ckpt, info = load_run(out_dir, self.cfg.ckpt)
+                self.loaded[out_dir] = (stamp, GPT.from_checkpoint(ckpt, info["path"], self.device), info)
             return self.loaded[out_dir][1:]
 
 

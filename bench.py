@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -39,14 +41,16 @@ from typing import Any, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bookgpt.common import CompiledWithFallback, autocast, native_bf16, resolve_device, resolve_dtype, sync
-from bookgpt.config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
-from model import GPT, GPTConfig, training_flops
-from bookgpt.optim import WeightAverage, make_optimizers, optimizer_step
-from sample import TEMPERATURE, TOP_K, TOP_P
-from bookgpt.tokenizer import read_meta
 from bookgpt.batches import Batches
-from train import TrainConfig, forward_backward, train_step, validate
+from bookgpt.common import (CompiledWithFallback, autocast, native_bf16, read_metrics, records_of, resolve_device,
+                            resolve_dtype, sync)
+from bookgpt.config import UserError, atomic_write_json, cli, config_dict, opt, parse_config, to_flags
+from bookgpt.eval.report import output_names
+from bookgpt.optim import WeightAverage, make_optimizers, optimizer_step
+from bookgpt.sampling import TEMPERATURE, TOP_K, TOP_P
+from bookgpt.tokenizer import read_meta
+from bookgpt.training import TrainConfig, forward_backward, train_step, validate
+from model import GPT, GPTConfig, training_flops
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (GeForce cards: with fp32
 # accumulation, which is what bf16 autocast uses). Checked in order, so "H100 PCIe" before "H100".
@@ -481,17 +485,25 @@ def data_ms_per_batch(cfg: BenchConfig, device: str, n: int = 20) -> float | Non
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def run_script(script: str, keys: dict[str, Any]) -> None:
+    """Run another of the scripts (python SCRIPT --key=value ...) with this one's output; its failure is this one's."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *to_flags(keys)])
+    if done.returncode:
+        raise SystemExit(done.returncode)
+
+
 def speedrun(cfg: BenchConfig, ms_per_step: float) -> dict[str, Any]:
     """Train the config from scratch until an eval's val bpb reaches target_val_bpb (or its max_iters),
     then evaluate.py's full pass of the best checkpoint on test (val chose the step; test reports it)."""
-    from evaluate import EvalConfig, evaluate
-    from train import train
     print(f"\nspeedrun: training {cfg.out_dir} to val bpb <= {cfg.target_val_bpb:g}...", flush=True)
-    summary = train(TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}))
+    run_script("train.py", {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+    records, _ = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
+    summary = records_of(records, "summary")[-1]
     # the weight average (ema_decay) or the weights, whichever val (training's estimate) scored better
     ckpt = "ema" if summary.get("best_ema_val_bpb", math.inf) < summary["best_val_bpb"] else "best"
-    ev = evaluate(EvalConfig(out_dir=cfg.out_dir, ckpt=ckpt, num_prompts=0, baselines=False, device=cfg.device,
-                             threads=cfg.threads), log=lambda m: print(m, flush=True))
+    run_script("evaluate.py", {"out_dir": cfg.out_dir, "ckpt": ckpt, "num_prompts": 0, "baselines": False,
+                               "device": cfg.device, "threads": cfg.threads})
+    ev = json.loads((Path(cfg.out_dir) / output_names(ckpt)["json"]).read_text(encoding="utf-8"))
     out = {"reached": summary["reason"] == "target", "steps": summary["iter"], "tokens": summary["tokens_seen"],
            "train_minutes": summary["train_seconds"] / 60, "target_val_bpb": cfg.target_val_bpb, "checkpoint": ckpt,
            "best_iter": summary["best_ema_iter" if ckpt == "ema" else "best_iter"], "test_bpb": ev["likelihood"]["bpb"],

@@ -41,15 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bookgpt.eval.baselines import cached_baselines
-from bookgpt.checkpoint import data_difference, load_for_inference
+from bookgpt.checkpoint import data_difference, load_run
 from bookgpt.common import autocast, likelihood_figures, read_metrics, records_of, resolve_device, resolve_dtype
 from bookgpt.config import UserError, atomic_write_json, cli, config_dict, opt, parse_config
+from bookgpt.eval.baselines import cached_baselines
 from bookgpt.eval.mixture import ensemble, ngram_mixture, parse_orders
 from bookgpt.eval.report import output_names, plot_bpb, plot_curves, print_summary, write_report
-from sample import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file
 from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, TrainIndex, memorisation, style_distance, style_stats, themes
+from bookgpt.sampling import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file
 from bookgpt.tokenizer import read_meta
+from model import GPT
+
 
 @dataclass
 class EvalConfig:
@@ -454,7 +456,8 @@ def ensemble_members(cfg: EvalConfig, meta: dict[str, Any], tokens: dict[str, np
     every split in `tokens` (with its own context length: every target is still scored once)."""
     runs, token_nll = [], []
     for run in [r.strip() for r in cfg.ensemble.split(",") if r.strip()]:
-        model, info = load_for_inference(run, cfg.ckpt, device)
+        ckpt, info = load_run(run, cfg.ckpt)
+        model = GPT.from_checkpoint(ckpt, info["path"], device)
         if diff := data_difference(info["meta"], meta):
             raise UserError(f"{run} was trained on other data than the evaluated run ({diff}); the runs of an "
                             "ensemble must share one prepared data folder")
@@ -523,7 +526,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, A
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, info = load_for_inference(cfg.out_dir, cfg.ckpt, device)
+    ckpt, info = load_run(cfg.out_dir, cfg.ckpt)
+    model = GPT.from_checkpoint(ckpt, info["path"], device)
     out_dir = Path(info["out_dir"])
     log(f"evaluating {info['path']} (step {info['iter_num']:,})")
     tok = info["tokenizer"]

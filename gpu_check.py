@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint
+from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint, to_flags
 
 ROOT = Path(__file__).resolve().parent
 CHECKS = ("environment", "prepare", "bench_2x4090", "bench_best_gpu", "train_bf16", "train_fp16",
@@ -132,11 +132,6 @@ def find_book(given: str) -> str:
     return next((rel(p) for p in BOOK_COPIES if p.is_file()), "")
 
 
-def flags(keys: dict[str, Any]) -> list[str]:
-    """--key=value for each key: one flag per key, so a printed command reads as what ran."""
-    return [f"--{k}={v}" for k, v in keys.items()]
-
-
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -220,7 +215,7 @@ class Checker:
                 "eval_interval": every, "log_interval": max(1, min(10, every // 2)), "early_stop_patience": 0,
                 "warmup_iters": max(1, steps // 10)}  # the presets' 100 warmup steps are sized for thousands
         keys |= (TINY_MODEL if self.cfg.tiny else {}) | ({} if self.gpu else CPU_TRAIN) | more
-        return [config, *flags(keys)]
+        return [config, *to_flags(keys)]
 
     def train_stopped_and_resumed(self, check: str, args: list[str], out: Path, stop_at: int,
                                   env: dict[str, str] | None = None) -> int:
@@ -302,7 +297,7 @@ def check_bench(c: Checker, shape: str, toml: str, vocab: int, extra: dict[str, 
     out.unlink(missing_ok=True)  # a result left by an earlier check must not pass this one
     keys = extra | {"out": rel(out), "vocab_size": vocab} | ({"nanogpt": rel(c.cfg.nanogpt)} if c.cfg.nanogpt else {})
     keys |= (TINY_BENCH if c.cfg.tiny else GPU_BENCH if c.gpu else {}) | ({} if c.gpu else {"device": "cpu"})
-    c.run(f"bench_{shape}", ["bench.py", toml, "--compare", *flags(keys)])
+    c.run(f"bench_{shape}", ["bench.py", toml, "--compare", *to_flags(keys)])
     res = json.loads(out.read_text(encoding="utf-8"))
     if res["config"]["vocab_size"] != vocab:  # never another vocabulary than the one named
         raise Failed(f"bench.py measured vocabulary {res['config']['vocab_size']}, not {vocab}")
@@ -451,14 +446,17 @@ def check_app(c: Checker) -> str:
     """The page's generation, its steps advanced from a worker thread as Gradio advances them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from app import AppConfig, Runs  # Runs loads models without gradio
-    from sample import stream_text
+    from bookgpt.checkpoint import load_run
+    from bookgpt.common import resolve_device, resolve_dtype
+    from bookgpt.sampling import stream_text
+    from model import GPT
     run = str(run_dir(c))  # in this process: an absolute path, whatever the working directory
-    c.commands.append(f"# in this process: app.Runs(AppConfig(out_dir={run!r}, device={c.cfg.device!r})).get(...), "
-                      f"then sample.stream_text(model, tokenizer, {PROMPT!r}, 50) on a worker thread, as Gradio does")
-    runs = Runs(AppConfig(out_dir=run, device=c.cfg.device))
-    model, info = runs.get(run)
-    stream = stream_text(model, info["tokenizer"], PROMPT, 50, dtype=runs.dtype)
+    c.commands.append(f"# in this process: the page's model (best.pt of {run!r} on {c.cfg.device!r}), then "
+                      f"bookgpt.sampling.stream_text(model, tokenizer, {PROMPT!r}, 50) on a worker thread, as Gradio does")
+    device = resolve_device(c.cfg.device)
+    dtype = resolve_dtype("auto", device)
+    ckpt, info = load_run(run)
+    stream = stream_text(GPT.from_checkpoint(ckpt, info["path"], device), info["tokenizer"], PROMPT, 50, dtype=dtype)
     pieces = [next(stream, "")]  # the first step here, the rest on another thread
     with ThreadPoolExecutor(max_workers=1) as pool:
         while (piece := pool.submit(next, stream, None).result()) is not None:
@@ -466,7 +464,7 @@ def check_app(c: Checker) -> str:
     text = "".join(pieces)
     if not text:
         raise Failed("the app's generation gave no text")
-    return f"{len(text)} characters generated on {runs.device} ({runs.dtype}), two threads: {text[:60]!r}..."
+    return f"{len(text)} characters generated on {device} ({dtype}), two threads: {text[:60]!r}..."
 
 
 FUNCS: dict[str, Callable[[Checker], str]] = {

@@ -12,81 +12,16 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass, fields
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bookgpt.config import opt
-
+from bookgpt.config import GPTConfig, UserError
 
 # Under bf16 autocast QK-norm normalises bf16 queries and keys with float32 gains: torch computes that
 # unfused (correctly) and warns once per process that its fused kernel wants one dtype. Not news to a user.
 warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
-
-
-@dataclass
-class GPTConfig:
-    """The model's keys: the one place they are defined, given defaults and checked. train.py's
-    TrainConfig takes them from here, so they are train.py's command-line keys too. The defaults are
-    the recommended CPU recipe's model (config/wp_bpe_cpu.toml): 6 x 256, rotary, RMSNorm, QK-norm."""
-    block_size: int = opt(256, "context length in tokens")
-    vocab_size: int = opt(0, "vocabulary size (0 = the data's, from data_dir/meta.json)")
-    n_layer: int = opt(6, "transformer blocks")
-    n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(256, "embedding width")
-    dropout: float = opt(0.2, "dropout probability (attention, residual, embedding); none in eval mode")
-    bias: bool = opt(False, "biases in Linear layers and norms (GPT-2 had them)")
-    pos_emb: str = opt("rope", "rope (rotary) or learned (absolute positions, GPT-2's)")
-    norm: str = opt("rmsnorm", "rmsnorm or layernorm")
-    qk_norm: bool = opt(True, "normalise queries and keys per head before attention")
-    mlp: str = opt("relu2", "relu2 (squared ReLU), gelu or swiglu")
-    mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd (swiglu uses 2/3 of it: the same parameters)")
-    tie_weights: bool = opt(True, "tie the output head to the token embedding")
-    logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
-    rope_base: float = opt(10000.0, "base of the rotary frequencies (pos_emb=rope)")
-    value_embeds: int = opt(0, "token tables added to the attention values of the first and the last this many "
-                               "blocks, block i and block n_layer - k + i sharing table i (0 = off)")
-    unet_skips: bool = opt(False, "U-net skips: each block of the second half also reads the output of its mirror "
-                                  "in the first half, times a learned weight")
-    zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
-    drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
-                                "branch for a sequence, from 0 at the first block rising linearly to this at the last")
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise ValueError naming the first key whose value cannot make a model."""
-        for key, allowed in self.CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"bad value for '{key}': {getattr(self, key)!r}; use one of {', '.join(allowed)}")
-        for key in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"'{key}' must be positive, got {getattr(self, key)}")
-        if self.vocab_size < 0:
-            raise ValueError(f"'vocab_size' must be 0 (the data's) or more, got {self.vocab_size}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        for key in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if not 0 <= self.value_embeds <= self.n_layer // 2:
-            raise ValueError(f"value_embeds must be 0..n_layer // 2 = {self.n_layer // 2} (a table for a block of "
-                             f"each half), got {self.value_embeds}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, n_embd / n_head = {self.n_embd // self.n_head}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        """Pick the model's keys out of a larger (training) config dict."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -318,6 +253,17 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path: str = "checkpoint", device: str = "cpu") -> "GPT":
+        """The model a checkpoint (checkpoint.load_checkpoint's dict) holds, in eval mode on `device`."""
+        try:
+            model = cls(GPTConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path} does not match this version of model.py: {first}") from None
+        return model.to(device).eval()
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init; projections into the residual stream are scaled by 1/sqrt(2 * n_layer)

@@ -28,7 +28,7 @@ import numpy as np
 
 from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
 from bookgpt.tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
-                       default_data_dir, make_tokenizer, require_rustbpe)
+                               default_data_dir, make_tokenizer, require_rustbpe)
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"
 # sha256 of DEFAULT_URL as tested (the same bytes as ../shared/data/pg2600.txt). Gutenberg

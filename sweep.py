@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from bookgpt.common import read_metrics
-from bookgpt.config import (UserError, apply_overrides, atomic_write_json, cli, load_toml, unknown_key,
-                    config_dict, format_help, opt, read_toml, split_argv)
+from bookgpt.config import (UserError, apply_overrides, atomic_write_json, cli, config_dict, format_help, load_toml,
+                            opt, read_toml, split_argv, unknown_key)
 from bookgpt.sweeps import (_duration, _format_arg, _format_value, finished_summary, read_record, result_row,
-                           write_results)
+                            write_results)
 from bookgpt.tokenizer import prepare_hint
-from train import TrainConfig, validate
+from bookgpt.training import TrainConfig, validate
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 RESERVED = ("base", "fixed", "grid", "variants")

@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from bookgpt.config import UserError, atomic_open
-from model import GPT, GPTConfig
+from bookgpt.config import GPTConfig, UserError, atomic_open
 
 FORMAT, VERSION = "bookgpt", 1
 FILES = {"best": "best.pt", "latest": "ckpt.pt", "ema": "ema.pt"}  # ema: the weight average (train.py --ema_decay)
@@ -118,16 +117,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> GPT:
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} does not match this version of model.py: {first}") from None
-    return model
-
-
 def newest_run(root: str | Path = "out") -> Path:
     """The run folder under `root` whose checkpoint was written last: the run just trained (what
     sample.py, evaluate.py, app.py and a bare --init_from=resume use when no --out_dir is given)."""
@@ -137,21 +126,23 @@ def newest_run(root: str | Path = "out") -> Path:
     return max(found, key=lambda p: p.stat().st_mtime).parent
 
 
-def load_for_inference(out_dir: str | Path, which: str = "best", device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """The trained model (eval mode, on device) and info: config, meta, tokenizer, iter_num, best_val_loss,
-    path, out_dir. An empty out_dir means the newest run under out/."""
-    from bookgpt.tokenizer import tokenizer_from_meta  # here, so model-only users need not import tokenizer deps
+def load_run(out_dir: str | Path, which: str = "best") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trained run's checkpoint, loaded onto the host (only the weights go to a device: model.GPT.from_checkpoint
+    builds the model), and its info: config, meta, tokenizer, iter_num, best_val_loss, path, out_dir. An empty
+    out_dir means the newest run under out/."""
+    from bookgpt.tokenizer import (
+        tokenizer_from_meta,  # here, so model-only users need not import tokenizer deps
+    )
 
     out_dir = Path(out_dir) if str(out_dir) else newest_run()
     if not out_dir.is_dir():
         raise UserError(f"run directory not found: {out_dir} (pass --out_dir=out/RUN of a trained run)")
     path = checkpoint_path(out_dir, which)
-    ckpt = load_checkpoint(path)  # onto the host: only the weights go to the device, not the optimizer's state
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     info = {k: ckpt.get(k) for k in ("config", "iter_num", "best_val_loss", "best_iter", "tokens_seen")}
     info.update(meta=meta, path=str(path), out_dir=str(out_dir), tokenizer=tokenizer_from_meta(meta, out_dir))
-    return model, info
+    return ckpt, info
 
 
 # ----------------------------------------------------------------------------- compatibility

@@ -18,7 +18,6 @@ import torch
 
 from bookgpt.config import UserError
 
-
 # ----------------------------------------------------------------------------- device and precision
 
 def resolve_device(name: str = "auto") -> str:

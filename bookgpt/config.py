@@ -21,7 +21,7 @@ import tempfile
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence, TypeVar, get_type_hints
+from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Sequence, TypeVar, get_type_hints
 
 T = TypeVar("T")
 
@@ -48,12 +48,24 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def _item_type(tp: Any) -> Any:
+    """The item type of a list option, `tuple[float, ...]`; None for a single value."""
+    return tp.__args__[0] if getattr(tp, "__origin__", None) is tuple else None
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+    item = _item_type(tp)
+    return f"{_type_name(item)}s, comma-separated" if item else getattr(tp, "__name__", str(tp))
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert a TOML value or a command-line string to the field's type, or raise UserError."""
+    """Convert a TOML value or a command-line string to the field's type, or raise UserError. A list
+    option (`tuple[float, ...]`) takes a TOML/JSON list, one value, or a comma-separated string: parsed here
+    and nowhere else."""
+    item = _item_type(tp)
+    if item is not None:
+        parts = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return tuple(coerce(key, v, item) for v in (parts if isinstance(parts, (list, tuple)) else [parts]))
     bad = UserError(f"bad value for '{key}': {value!r} is not a valid {_type_name(tp)}")
     if isinstance(value, str) and tp is not str:
         text = value.strip()
@@ -211,6 +223,18 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_flag(value: Any) -> str:
+    """A value as --key=value writes it, read back to the same value (a list option comma-separated)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(to_flag(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, float) else str(value)
+
+
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """--key=value for each key, one flag per key, so a printed command reads as what runs."""
+    return [f"--{k}={to_flag(v)}" for k, v in values.items()]
+
+
 # ----------------------------------------------------------------------------- files
 
 @contextmanager
@@ -258,3 +282,67 @@ def cli(main: Callable[[list[str]], Any]) -> None:
     except BrokenPipeError:  # `python train.py --help | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         raise SystemExit(0) from None
+
+
+# ----------------------------------------------------------------------------- the model's keys
+
+@dataclasses.dataclass
+class GPTConfig:
+    """The model's keys: the one place they are defined, given defaults and checked. training.py's
+    TrainConfig takes them from here, so they are train.py's command-line keys too. The defaults are
+    the recommended CPU recipe's model (config/wp_bpe_cpu.toml): 6 x 256, rotary, RMSNorm, QK-norm."""
+    block_size: int = opt(256, "context length in tokens")
+    vocab_size: int = opt(0, "vocabulary size (0 = the data's, from data_dir/meta.json)")
+    n_layer: int = opt(6, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(256, "embedding width")
+    dropout: float = opt(0.2, "dropout probability (attention, residual, embedding); none in eval mode")
+    bias: bool = opt(False, "biases in Linear layers and norms (GPT-2 had them)")
+    pos_emb: str = opt("rope", "rope (rotary) or learned (absolute positions, GPT-2's)")
+    norm: str = opt("rmsnorm", "rmsnorm or layernorm")
+    qk_norm: bool = opt(True, "normalise queries and keys per head before attention")
+    mlp: str = opt("relu2", "relu2 (squared ReLU), gelu or swiglu")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd (swiglu uses 2/3 of it: the same parameters)")
+    tie_weights: bool = opt(True, "tie the output head to the token embedding")
+    logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
+    rope_base: float = opt(10000.0, "base of the rotary frequencies (pos_emb=rope)")
+    value_embeds: int = opt(0, "token tables added to the attention values of the first and the last this many "
+                               "blocks, block i and block n_layer - k + i sharing table i (0 = off)")
+    unet_skips: bool = opt(False, "U-net skips: each block of the second half also reads the output of its mirror "
+                                  "in the first half, times a learned weight")
+    zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
+    drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
+                                "branch for a sequence, from 0 at the first block rising linearly to this at the last")
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first key whose value cannot make a model."""
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"bad value for '{key}': {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        for key in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"'{key}' must be positive, got {getattr(self, key)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"'vocab_size' must be 0 (the data's) or more, got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        for key in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.value_embeds <= self.n_layer // 2:
+            raise ValueError(f"value_embeds must be 0..n_layer // 2 = {self.n_layer // 2} (a table for a block of "
+                             f"each half), got {self.value_embeds}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, n_embd / n_head = {self.n_embd // self.n_head}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Pick the model's keys out of a larger (training) config dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

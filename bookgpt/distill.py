@@ -6,13 +6,30 @@ an average of several models is better than any of them.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bookgpt.checkpoint import checkpoint_path, data_difference, load_checkpoint, model_from_checkpoint
+from bookgpt.checkpoint import checkpoint_path, data_difference, load_checkpoint
 from bookgpt.config import UserError
+
+
+def teacher_checkpoints(runs: tuple[str, ...], meta: dict[str, Any], block_size: int) -> list[tuple[dict[str, Any], Path]]:
+    """The best.pt of each teacher run, checked to fit the student: the same data, at least its context."""
+    found = []
+    for run in runs:
+        path = checkpoint_path(run, "best")
+        ckpt = load_checkpoint(path)
+        if diff := data_difference(ckpt["meta"], meta):
+            raise UserError(f"cannot distil from {path}: it was trained on other data ({diff}); "
+                            f"teachers need the student's data_dir")
+        if ckpt["model_config"]["block_size"] < block_size:
+            raise UserError(f"cannot distil from {path}: its block_size {ckpt['model_config']['block_size']} is "
+                            f"shorter than the student's {block_size}; use a teacher with at least that context")
+        found.append((ckpt, path))
+    return found
 
 
 class Teacher(torch.nn.Module):
@@ -20,20 +37,9 @@ class Teacher(torch.nn.Module):
     log of the mean probabilities as logits, and their cross-entropy with targets, as GPT.forward
     does, so train.py's estimate_loss scores the teacher too."""
 
-    def __init__(self, runs: list[str], meta: dict[str, Any], block_size: int, device: str) -> None:
+    def __init__(self, models: list[torch.nn.Module]) -> None:
         super().__init__()
-        models = []
-        for run in runs:
-            path = checkpoint_path(run, "best")
-            ckpt = load_checkpoint(path)
-            if diff := data_difference(ckpt["meta"], meta):
-                raise UserError(f"cannot distil from {path}: it was trained on other data ({diff}); "
-                                f"teachers need the student's data_dir")
-            if ckpt["model_config"]["block_size"] < block_size:
-                raise UserError(f"cannot distil from {path}: its block_size {ckpt['model_config']['block_size']} is "
-                                f"shorter than the student's {block_size}; use a teacher with at least that context")
-            models.append(model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False))
-        self.models = torch.nn.ModuleList(models)
+        self.models = torch.nn.ModuleList(m.eval().requires_grad_(False) for m in models)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # always in eval mode: no dropout in the targets

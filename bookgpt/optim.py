@@ -17,7 +17,6 @@ import torch
 
 from bookgpt.common import native_bf16
 
-
 # ----------------------------------------------------------------------------- Muon
 
 @functools.cache

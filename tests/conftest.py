@@ -90,3 +90,12 @@ def book_text(book_path: Path) -> str:
     from prepare import clean_text, decode_text
 
     return clean_text(decode_text(book_path.read_bytes()))[0]
+
+
+def load_model(out_dir: Path | str, which: str = "best", device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A trained run's model (eval mode, on device) and info, as sample.py loads them."""
+    from bookgpt.checkpoint import load_run
+    from model import GPT
+
+    ckpt, info = load_run(out_dir, which)
+    return GPT.from_checkpoint(ckpt, info["path"], device), info

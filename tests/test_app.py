@@ -18,10 +18,10 @@ import pytest
 
 import app
 from app import find_runs, val_bpb
-from bookgpt.checkpoint import load_for_inference
+from conftest import load_model
 from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
-from sample import TEMPERATURE, TOP_K, TOP_P, stream_text
+from bookgpt.sampling import TEMPERATURE, TOP_K, TOP_P, stream_text
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def server(runs_dir: Path) -> Iterator[str]:
 def expected_text(run: Path, prompt: str, n: int, seed: int, temperature: float = TEMPERATURE, top_k: int = TOP_K,
                   top_p: float = TOP_P) -> str:
     """What sample.py's stream_text writes for the same request, in this process (sample.py's defaults)."""
-    model, info = load_for_inference(run, "best", "cpu")
+    model, info = load_model(run, "best", "cpu")
     return prompt + "".join(stream_text(model, info["tokenizer"], prompt, n, temperature, top_k, top_p, seed,
                                         dtype="float32"))
 

@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 
 import prepare
 import sample
+from bookgpt.sampling import stream_text
 import train
-from bookgpt.checkpoint import load_checkpoint, load_for_inference
+from bookgpt.checkpoint import load_checkpoint
 from bookgpt.config import UserError, cli, parse_config
-from conftest import tiny_train_args
+from conftest import load_model, tiny_train_args
 from bookgpt.tokenizer import load_tokenizer
 
 
@@ -211,7 +212,7 @@ def test_corrupt_checkpoint(error_line, run_dir: Path, tmp_path: Path, damage: s
         why = {"truncated": "RuntimeError", "empty": "EOFError", "zip with a missing member": "RuntimeError"}[damage]
         assert line == (f"error: {run / 'best.pt'} is corrupt or truncated ({why}); "
                         f"use the other checkpoint (--ckpt=best/latest) or train again")
-    load_for_inference(run, "latest")  # the other one still works
+    load_model(run, "latest")  # the other one still works
 
 
 class Payload:
@@ -300,16 +301,16 @@ def test_sample_bad_prompt_files(error_line, run_dir: Path, tmp_path: Path, cont
 
 
 def test_temperature_zero_is_greedy_and_a_huge_top_k_is_off(run_dir: Path) -> None:
-    model, info = load_for_inference(run_dir)
+    model, info = load_model(run_dir)
     tok = info["tokenizer"]
     ids = tok.encode("Prince ")
     for _ in range(12):  # argmax by hand, recomputing the whole context
         logits, _ = model(torch.tensor([ids]))
         ids.append(int(logits[0, -1].argmax()))
-    greedy = "".join(sample.stream_text(model, tok, "Prince ", max_new_tokens=12, temperature=0, seed=5))
+    greedy = "".join(stream_text(model, tok, "Prince ", max_new_tokens=12, temperature=0, seed=5))
     assert greedy == tok.decode(ids[len("Prince "):])
     # top_k beyond the vocabulary means "all tokens", not an error
-    assert len("".join(sample.stream_text(model, tok, "Prince ", max_new_tokens=12, top_k=10**6))) == 12
+    assert len("".join(stream_text(model, tok, "Prince ", max_new_tokens=12, top_k=10**6))) == 12
 
 
 # ----------------------------------------------------------------------------- prepare.py (what test_prepare.py leaves out)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bookgpt.checkpoint import check_resumable, data_difference, load_checkpoint, load_for_inference, save_checkpoint, unwrap
+from bookgpt.checkpoint import check_resumable, data_difference, load_checkpoint, save_checkpoint, unwrap
 from bookgpt.common import CompiledWithFallback
 from bookgpt.config import UserError, parse_config
-from conftest import tiny_train_args
+from conftest import load_model, tiny_train_args
 from model import GPT, GPTConfig
 from train import TrainConfig, train
 
@@ -32,7 +32,7 @@ def test_inference_loads_the_checkpoint_onto_the_host_then_moves_the_model(
     maps = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: maps.append(kw.get("map_location")) or real_load(*a, **kw))
-    model, info = load_for_inference(out, "latest", device="meta")  # "meta" stands in for a GPU
+    model, info = load_model(out, "latest", device="meta")  # "meta" stands in for a GPU
     assert maps == ["cpu"]
     assert next(model.parameters()).device.type == "meta" and info["iter_num"] == 2
 

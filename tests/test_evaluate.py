@@ -412,7 +412,7 @@ def test_temperature_choice_keeps_the_highest_within_both_caps() -> None:
 
 def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: tuple[Path, Path],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import sample
+    from bookgpt import sampling as sample
     run, data = tiny_eval_run
     tok = load_tokenizer(data)
     split_text = {s: tok.decode(np.fromfile(data / f"{s}.bin", dtype=np.uint8)[:100]) for s in ("val", "test")}

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bookgpt.checkpoint import load_for_inference
+from conftest import load_model
 from bookgpt.config import parse_config
 from conftest import tiny_train_args
-from sample import stream_text
+from bookgpt.sampling import stream_text
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_missing_run_directory(tmp_path: Path) -> None:
 
 
 def test_stream_joins_to_the_generated_text(tiny_run: Path) -> None:
-    model, info = load_for_inference(tiny_run)
+    model, info = load_model(tiny_run)
     tok = info["tokenizer"]
     pieces = list(stream_text(model, tok, "Prince", max_new_tokens=25, seed=3))  # sample.py's defaults
     ids = model.generate(torch.tensor([tok.encode("Prince")]), 25, temperature=0.9, top_k=None, top_p=None,

@@ -23,7 +23,7 @@ from conftest import tiny_train_args
 from model import GPT, GPTConfig
 from bookgpt.optim import make_optimizers
 from bookgpt.distill import Teacher, distill_loss
-from train import TrainConfig, train
+from train import TrainConfig, load_teacher, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,12 +233,12 @@ def test_distillation_from_an_ensemble_of_runs(tiny_char_data: Path, tmp_path: P
     run(tiny_char_data, tmp_path / "t1", **kw)
     run(tiny_char_data, tmp_path / "t2", seed=7, **kw)
     meta = json.loads((tmp_path / "t1" / "meta.json").read_text())
-    one, two = Teacher([str(tmp_path / "t1")], meta, 32, "cpu"), Teacher([str(tmp_path / "t1"), str(tmp_path / "t2")], meta, 32, "cpu")
+    one, two = load_teacher([str(tmp_path / "t1")], meta, 32, "cpu"), load_teacher([str(tmp_path / "t1"), str(tmp_path / "t2")], meta, 32, "cpu")
     x = torch.randint(meta["vocab_size"], (3, 32))
     logp1, logp2 = one(x)[0], two(x)[0]
     assert torch.allclose(logp2.exp().sum(-1), torch.ones(3, 32), atol=1e-5)  # a distribution at every position
     # the mean of the two runs' probabilities, not of their logits
-    p_t2 = Teacher([str(tmp_path / "t2")], meta, 32, "cpu")(x)[0].exp()
+    p_t2 = load_teacher([str(tmp_path / "t2")], meta, 32, "cpu")(x)[0].exp()
     assert torch.allclose(logp2.exp(), (logp1.exp() + p_t2) / 2, atol=1e-5)
     one.train()
     assert not one.training and not any(p.requires_grad for p in one.parameters())
@@ -268,11 +268,11 @@ def test_distillation_refuses_teachers_it_cannot_use(tiny_char_data: Path, tmp_p
     run(tiny_char_data, tmp_path / "t", max_iters=2, eval_interval=2)
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     with pytest.raises(train_mod.UserError, match="block_size 32 is shorter than the student's 64"):
-        Teacher([str(tmp_path / "t")], meta, 64, "cpu")
+        load_teacher([str(tmp_path / "t")], meta, 64, "cpu")
     with pytest.raises(train_mod.UserError, match="trained on other data"):
-        Teacher([str(tmp_path / "t")], {**meta, "sha256_clean": "0" * 64}, 32, "cpu")
+        load_teacher([str(tmp_path / "t")], {**meta, "sha256_clean": "0" * 64}, 32, "cpu")
     with pytest.raises(train_mod.UserError, match="no checkpoint at"):
-        Teacher([str(tmp_path / "nowhere")], meta, 32, "cpu")
+        load_teacher([str(tmp_path / "nowhere")], meta, 32, "cpu")
     args = tiny_train_args(tiny_char_data, tmp_path / "x")
     r = subprocess.run([sys.executable, "train.py", *args, "--distill_weight=1.5"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: distill_weight must be in [0, 1], got 1.5"

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bookgpt.eval.baselines import kn_levels, kn_probs, max_order
 from bookgpt.common import likelihood_figures
 from bookgpt.config import UserError
+from bookgpt.eval.baselines import kn_levels, kn_probs, max_order
 
 
 def mixture_weights(p: np.ndarray, steps: int = 1000) -> np.ndarray:

@@ -7,9 +7,10 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from bookgpt.eval.baselines import baseline_label
 from bookgpt.config import atomic_write_bytes
+from bookgpt.eval.baselines import baseline_label
 from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, NAMES
+
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
@@ -19,7 +20,9 @@ def _png(fig: Any) -> bytes:
 
 def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -> bytes:
     """Loss against step: train (per log line and per eval) and val, best val marked."""
-    from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend state
+    from matplotlib.figure import (
+        Figure,  # the OO API: no pyplot, no global backend state
+    )
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()

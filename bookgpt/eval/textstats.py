@@ -14,7 +14,6 @@ import numpy as np
 
 from bookgpt.eval.baselines import find_sorted
 
-
 # ----------------------------------------------------------------------------- memorisation
 
 WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes (don’t)
