@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -244,14 +244,11 @@ class TrainRun:
         found = [label for key, label in SDPA_OPS if any(key in n for n in names)]
         return "+".join(found) if found else "explicit"
 
-    def micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.batches)
-
     def step(self) -> torch.Tensor:
         """One training step (all micro-batches, clip, optimizers, the weight average); the loss is left
         unread, as train.py does."""
         with self.kernels():
-            loss, _ = train_step(self.forward, self.optimizers, self.scaler, self.params, self.micro_batches(),
+            loss, _ = train_step(self.forward, self.optimizers, self.scaler, self.params, iter(self.batches),
                                  len(self.batches), self.ctx, self.cfg.grad_clip)
         if self.ema is not None:
             self.ema.update()
@@ -282,7 +279,7 @@ class TrainRun:
             with self.kernels():
                 sync(self.device)
                 t0 = time.perf_counter()
-                forward_backward(self.forward, self.micro_batches(), len(self.batches), self.ctx, self.scaler)
+                forward_backward(self.forward, iter(self.batches), len(self.batches), self.ctx, self.scaler)
                 sync(self.device)
                 t1 = time.perf_counter()
                 optimizer_step(self.optimizers, self.scaler, self.params, self.cfg.grad_clip)

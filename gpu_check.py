@@ -69,8 +69,7 @@ class CheckConfig:
     steps: int = opt(100, "training steps per run of train_bf16 and train_fp16 (ddp_2x4090: 40)")
     nanogpt: str = opt("", "path of a nanoGPT checkout for bench.py to race ('' = not compared)")
     tiny: bool = opt(False, "tiny models and short benchmarks: seconds per check on a CPU")
-    checks: str = opt("", f"comma-separated parts ({', '.join(PARTS)}) or checks to run ('' = all): "
-                          f"{', '.join(CHECKS)}")
+    checks: tuple[str, ...] = opt((), f"parts ({', '.join(PARTS)}) or checks to run (none = all): {', '.join(CHECKS)}")
     timeout: float = opt(300.0, "seconds one command may run before its check fails")
 
 
@@ -112,9 +111,8 @@ def compare_losses(straight: list[dict], resumed: list[dict], after: int, rel_to
             "missing": [f"{kind} {it}" for kind, it in missing[:5]]}
 
 
-def chosen_checks(text: str) -> list[str]:
+def chosen_checks(names: tuple[str, ...]) -> list[str]:
     """--checks: parts and check names -> the checks to run, in CHECKS order (environment and prepare always)."""
-    names = [s.strip() for s in text.split(",") if s.strip()]
     if unknown := [s for s in names if s not in CHECKS and s not in PARTS]:
         raise UserError(f"unknown check(s) {', '.join(unknown)}; choose parts ({', '.join(PARTS)}) or checks "
                         f"({', '.join(CHECKS)})")

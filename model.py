@@ -1,15 +1,16 @@
-"""The GPT: a decoder-only transformer, small enough to read in one sitting.
+"""The GPT as a textbook: a decoder-only transformer, small enough to read in one sitting.
 
-Token embedding (+ learned positions or rotary), pre-norm blocks of causal
-self-attention through F.scaled_dot_product_attention (flash / memory-efficient
-kernels on GPU, the fused kernel on CPU; bf16 on a CPU uses an explicit softmax(QK^T)V,
-which is faster there) and an MLP, a final norm, and an output
-head tied to the embedding by default. `generate` samples with a KV cache that
-gives the same tokens as recomputing the whole context every step.
+Token embedding (+ learned positions or rotary), pre-norm blocks of causal self-attention (one
+F.scaled_dot_product_attention call: flash / memory-efficient kernels on GPU, fused on CPU) and an MLP, a final
+norm, and an output head tied to the embedding by default. `generate` samples with a KV cache that gives the same
+tokens as recomputing the whole context every step.
+
+The one switch: GPT(config) ends with `kernels.install(self)`, which swaps in the measured CPU kernels of
+bookgpt/kernels.py (a faster dropout mask, softmax(QK^T)V written out for bf16, a sampling weight layout);
+GPT(config, cpu_kernels=False) is the textbook model. Parameters, and so checkpoints, are the same either way.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bookgpt import kernels
 from bookgpt.config import GPTConfig, UserError
 
 # Under bf16 autocast QK-norm normalises bf16 queries and keys with float32 gains: torch computes that
@@ -25,12 +27,8 @@ warnings.filterwarnings("ignore", message="Mismatch dtype between input and weig
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-5)
-    return nn.LayerNorm(dim, bias=config.bias)
+    return nn.RMSNorm(dim, eps=1e-5) if config.norm == "rmsnorm" else nn.LayerNorm(dim, bias=config.bias)
 
-
-# ----------------------------------------------------------------------------- rotary
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (length, head_dim/2) for rotary position embeddings."""
@@ -46,77 +44,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout with a faster mask on CPUs. torch draws a CPU mask one element at a time, 64 random
-    bits each (its parallel Bernoulli is for Intel CPUs only): on an AMD CPU that was 40% of a bf16
-    training step. Here each 64-bit draw gives four 16-bit uniforms (p is kept to 1/65536)."""
-    if not training or p == 0:
-        return x  # (F.dropout would too, one dispatch later: this runs twice per block per sampled token)
-    if not 0 < p < 1 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
-    keep = bits.view(x.shape) >= round(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # as F.dropout: the mask holds 0 or 1/(1-p)
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Stochastic depth (Huang et al., 2016) for a residual branch's output (B, T, C): zero it for
-    a random share p of the sequences, scale the rest by 1/(1-p): dropout of one value per sequence."""
-    if not training or p == 0.0:
-        return x
-    return x * dropout(x.new_ones(x.shape[0], 1, 1), p)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd), causal) v with the (T, T) scores written out. For bf16 on a CPU this
-    is 2x faster (forward + backward, T=256) than SDPA's CPU flash kernel, and 3x faster than the math
-    path SDPA falls back to with dropout. (The CPU softmax accumulates bf16 in float32: the same
-    probabilities as upcasting first, in half the time.)"""
-    B, nh, T, hd = q.shape
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # 0 up to the diagonal
-    # mask and scale inside the product: no extra passes over the (T, T) scores
-    att = torch.baddbmm(future, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)
-    att = dropout(att.softmax(dim=-1), dropout_p)
-    return (att @ v.flatten(0, 1)).view(B, nh, T, hd)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a faster layout for sampling. While GPT.generate_stream runs, `weight_t` holds
-    the weight transposed to (in, out), contiguous, in the autocast dtype if one is on: a sampled
-    token is one row times every matrix, and on a CPU x @ W(in, out) streams the weights faster than
-    x @ W.T from the (out, in) layout (docs/benchmarks.md, "Sampling"). It is used only while the
-    weight is unchanged since the copy (its version counter) and the dtypes fit; training never sets it."""
-
-    weight_t: torch.Tensor | None = None
-    weight_t_version: int = -1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_t
-        if (w is None or w.device != x.device or self.weight_t_version != self.weight._version
-                or (w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type))):
-            return super().forward(x)
-        y = x @ w
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-# ----------------------------------------------------------------------------- blocks
-
 class KVCache:
-    """Preallocated keys and values of every layer for one generation: kv[layer] is
-    (2, B, nh, block_size, hd), keys then values, so one copy writes both."""
+    """Every layer's keys and values for one generation: kv[layer] is (2, B, nh, block_size, hd), keys then values."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (2, batch, n_head, length, head_dim)
-        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.kv = [torch.zeros(2, batch, n_head, length, head_dim, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0  # number of positions filled
 
 
@@ -125,11 +58,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.cpu_attention = None  # kernels.install: its explicit_causal_attention, for bf16 on a CPU
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = make_norm(config, self.head_dim)
@@ -160,8 +94,9 @@ class CausalSelfAttention(nn.Module):
             causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
         q, k = q.to(v.dtype), k.to(v.dtype)  # normed q, k can be float32 under autocast (MPS, CUDA): SDPA wants one dtype
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            y = explicit_causal_attention(q, k, v, dropout_p)  # faster on CPUs, see docs/benchmarks.md
+        if (cache is None and self.cpu_attention and q.device.type == "cpu"
+                and q.dtype in (torch.bfloat16, torch.float16)):  # where the measured CPU kernel wins
+            y = self.cpu_attention(q, k, v, dropout_p)  # kernels.explicit_causal_attention
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -175,11 +110,11 @@ class MLP(nn.Module):
         hidden = int(config.mlp_ratio * config.n_embd)
         if self.kind == "swiglu":  # two input matrices: 2/3 of the width keeps the parameter count
             hidden = 8 * math.ceil(2 * hidden / 3 / 8)
-            self.c_gate = Linear(config.n_embd, hidden, bias=config.bias)
-        self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
-        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual = True
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -212,40 +147,42 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
         self.drop_path = config.drop_path * index / max(config.n_layer - 1, 1)  # deeper blocks are skipped more
+        self.path_mask = nn.Dropout(self.drop_path)  # one value per sequence, see drop_branch
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.ln_1(x), rope, cache, layer, ve), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
+        x = x + self.drop_branch(self.attn(self.ln_1(x), rope, cache, layer, ve))
+        return x + self.drop_branch(self.mlp(self.ln_2(x)))
 
+    def drop_branch(self, y: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth (Huang et al., 2016) on a branch's output (B, T, C): dropout of one value per sequence."""
+        return y * self.path_mask(y.new_ones(y.shape[0], 1, 1)) if self.training and self.drop_path else y
 
-# ----------------------------------------------------------------------------- the model
 
 def training_flops(model: nn.Module, n_layer: int, n_embd: int, seq_len: int) -> int:
-    """Training FLOPs per token of a GPT-shaped model (forward + backward = 3x forward), PaLM
-    appendix B style: 6 per weight of every matrix a token goes through (output head included,
-    a tied one once), plus 12 * n_layer * n_embd * T for the attention scores and the weighted
-    sum of values. Any module with nn.Linear layers: bench.py counts nanoGPT's model the same way."""
+    """Training FLOPs per token of a GPT-shaped model (forward + backward = 3x forward), PaLM appendix B style: 6 per
+    weight of every matrix a token goes through (output head included, a tied one once), plus 12 * n_layer * n_embd * T
+    for the attention scores and the weighted sum of values. bench.py counts nanoGPT's model the same way."""
     matmul = sum(m.weight.numel() for m in {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}.values())
     return 6 * matmul + 12 * n_layer * n_embd * seq_len
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, cpu_kernels: bool = True) -> None:
         super().__init__()
         if config.vocab_size < 1:
             raise ValueError("vocab_size must be set to the data's vocabulary size to build a model")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
-        self.drop = Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
                                           for _ in range(config.value_embeds))
         # a skip from block i's output into block n_layer - 1 - i, for the first half's blocks
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.ln_f = make_norm(config, config.n_embd)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         if config.pos_emb == "rope":
@@ -253,6 +190,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        if cpu_kernels:  # the one switch: off, the model stays the textbook one above
+            kernels.install(self)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, path: str = "checkpoint", device: str = "cpu") -> "GPT":
@@ -277,8 +216,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --------------------------------------------------------------- accounting
-
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (shared ones once). non_embedding drops the position table and the value tables, and
         the token table too when it is not also the output head (a lookup costs no FLOPs)."""
@@ -299,18 +236,12 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
 
-    # --------------------------------------------------------------- training
-
     def set_dropout(self, p: float) -> None:
         """Change every dropout rate of the model (embedding, attention, residual) to p, as a dropout
         schedule does during training. The model's config keeps the rate it was built with."""
-        for module in self.modules():
-            if isinstance(module, Dropout):
-                module.p = p
-            elif isinstance(module, CausalSelfAttention):
-                module.dropout = p
-
-    # --------------------------------------------------------------- forward
+        self.drop.p = p
+        for block in self.blocks:
+            block.attn.resid_dropout.p = block.mlp.dropout.p = block.attn.dropout = p
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -347,13 +278,10 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    # --------------------------------------------------------------- sampling
-
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> KVCache:
         """A cache in the dtype attention computes in (autocast's, when it is on): a float32 cache
         under bf16 autocast would be cast whole, every token, to meet the bf16 queries."""
-        c = self.config
-        dtype = dtype or self.compute_dtype()
+        c, dtype = self.config, dtype or self.compute_dtype()
         return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
 
     def compute_dtype(self) -> torch.dtype:
@@ -361,36 +289,15 @@ class GPT(nn.Module):
         device = self.lm_head.weight.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
 
-    @contextlib.contextmanager
-    def sampling_weights(self):
-        """Give every Linear its (in, out) copy of the weight (see Linear) for the duration, on a CPU
-        (the only device where the layout was measured to matter)."""
-        device = self.lm_head.weight.device.type
-        if device != "cpu":
-            yield
-            return
-        dtype = self.compute_dtype()
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        for m in linears:
-            with torch.no_grad():
-                m.weight_t = m.weight.t().to(dtype).contiguous()
-            m.weight_t_version = m.weight._version
-        try:
-            yield
-        finally:
-            for m in linears:
-                m.weight_t = None
+    sampling_weights = kernels.sampling_weights  # on a CPU with the kernels: the (in, out) layout while sampling
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None, use_cache: bool = True):
-        """Yield the next token ids (B,) one step at a time.
-
-        The context window moves in jumps: when it is full, the oldest quarter is dropped
-        and the rest is re-read (into the cache, or recomputed without one), so every token
-        sees at least 3/4 of block_size of context and the cache never changes the output.
-        """
+        """Yield the next token ids (B,) one step at a time. The context window moves in jumps: when it is
+        full, the oldest quarter is dropped and the rest is re-read (into the cache, or recomputed without
+        one), so every token sees at least 3/4 of block_size of context and the cache never changes the output."""
         block = self.config.block_size
         keep = block - max(1, block // 4)
         seq = idx
@@ -422,10 +329,8 @@ class GPT(nn.Module):
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits (B, V). temperature <= 0 is greedy (argmax).
-
-    Draws exactly one uniform number per row from `generator`, so two runs with the same
-    seed make the same choices whatever path computed the logits."""
+    """One token per row of logits (B, V); temperature <= 0 is greedy (argmax). Draws exactly one uniform number per
+    row from `generator`, so two runs with the same seed make the same choices whatever path computed the logits."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)

@@ -13,7 +13,6 @@ the train split segmented dropout_copies more times at random (BPE-dropout), one
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -28,7 +27,7 @@ import numpy as np
 
 from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config
 from bookgpt.tokenizer import (DEFAULT_BPE_VOCAB, DEFAULT_KIND, KINDS, META_FILE, Tokenizer, check_bpe_vocab_size,
-                               default_data_dir, make_tokenizer, require_rustbpe)
+                               default_data_dir, make_tokenizer, require_rustbpe, sha256)
 
 DEFAULT_URL = "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"
 # sha256 of DEFAULT_URL as tested (the same bytes as ../shared/data/pg2600.txt). Gutenberg
@@ -61,10 +60,6 @@ class PrepareConfig:
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -350,21 +345,12 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.bpe_dropout:  # segmentation k draws from Random(k): the same file every time
         arrays["train_dropout"] = np.concatenate([tok.encode_dropout(splits["train"], cfg.bpe_dropout, random.Random(k))
                                                   for k in range(cfg.dropout_copies)])
-    meta = {
-        "tokenizer": tok.to_meta(),
-        "vocab_size": tok.vocab_size,
-        "dtype": tok.dtype.name,
-        "source": source,
-        "sha256_raw": sha256(raw),
-        "sha256_clean": sha256(text.encode("utf-8")),
-        "fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction},
-        "layout": layout,
-        "splits": counts,
-        **({"train_dropout": {"bpe_dropout": cfg.bpe_dropout, "copies": cfg.dropout_copies,
-                              "tokens": int(arrays["train_dropout"].size)}} if cfg.bpe_dropout else {}),
-        "prepared_with": "prepare.py",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = {"tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "dtype": tok.dtype.name, "source": source,
+            "sha256_raw": sha256(raw), "sha256_clean": sha256(text.encode("utf-8")),
+            "fractions": {"val": cfg.val_fraction, "test": cfg.test_fraction}, "layout": layout, "splits": counts,
+            **({"train_dropout": {"bpe_dropout": cfg.bpe_dropout, "copies": cfg.dropout_copies,
+                                  "tokens": int(arrays["train_dropout"].size)}} if cfg.bpe_dropout else {}),
+            "prepared_with": "prepare.py", "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_output(out_dir, tok, arrays, meta)
 
     print(f"{tok.kind} tokenizer, vocab {tok.vocab_size}, {tok.dtype.name}; {len(text):,} characters of text")

@@ -23,8 +23,8 @@ and resumes interrupted ones (--init_from=resume). After every run, out/sweeps/N
 results.md and val_bpb.png are rewritten. Command-line keys of train.py (--max_minutes=1,
 --device=cuda) apply to every run.
 
-One tool in one file, longer than the others for that reason: reading and checking a sweep file,
-running and resuming its runs one process each, and the results table and plot. docs/sweeps.md is its manual.
+Here: running the runs, one process each. What a sweep is (its file read and checked, run names) and its
+results table and plot: bookgpt/sweeps.py. docs/sweeps.md is the manual.
 """
 from __future__ import annotations
 
@@ -40,30 +40,23 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from itertools import product
 from pathlib import Path
 from typing import Any
 
 from bookgpt.common import read_metrics
-from bookgpt.config import (UserError, apply_overrides, atomic_write_json, cli, config_dict, format_help, load_toml,
-                            opt, read_toml, split_argv, unknown_key)
-from bookgpt.sweeps import (_duration, _format_arg, _format_value, finished_summary, read_record, result_row,
+from bookgpt.config import (GPTConfig, UserError, apply_overrides, atomic_write_json, cli, config_dict, format_help,
+                            opt, split_argv, to_flags, unknown_key)
+from bookgpt.sweeps import (Run, Sweep, check_keys, describe, finished_summary, load_sweep, read_record, result_row,
                             write_results)
 from bookgpt.tokenizer import prepare_hint
-from bookgpt.training import TrainConfig, validate
+from bookgpt.training import TrainConfig
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
-RESERVED = ("base", "fixed", "grid", "variants")
-SET_BY_SWEEP = ("out_dir", "init_from")  # every run gets its own out_dir; resume is decided per run
 # config.json keys that may differ between attempts of one run without changing what it trains
 NOT_COMPARED = {"out_dir", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "wandb_group"}
 STOP_GRACE_S = 120  # after SIGTERM a run finishes its step and saves; then it is killed
-# short names for run directories; a key not listed uses its own name, "" shows the value alone
-ABBREV = {"learning_rate": "lr", "min_lr": "minlr", "n_layer": "layer", "n_head": "head", "n_embd": "embd",
-          "block_size": "ctx", "batch_size": "bs", "gradient_accumulation_steps": "accum", "dropout": "drop",
-          "weight_decay": "wd", "max_iters": "iters", "warmup_iters": "warmup", "data_dir": ""}
 
 
 @dataclass
@@ -75,154 +68,7 @@ class SweepOptions:
     show_output: bool = opt(False, "echo each run's output here as well as into RUN/train.log")
 
 
-@dataclass
-class Run:
-    name: str
-    swept: dict[str, Any]  # swept key -> value as the sweep file gives it (variant name under "variant")
-    overrides: dict[str, Any]  # everything sweep.py passes to train.py as --key=value, typed
-    cfg: TrainConfig  # the full config the run trains with (validated)
-    variant: str = ""  # its variant's name, or a name made of the variant's values
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.out_dir)
-
-
-@dataclass
-class Sweep:
-    name: str
-    path: Path
-    base: list[str]
-    fixed: dict[str, Any]
-    cli: dict[str, Any]  # train.py keys from the command line, for every run
-    keys: list[str]  # swept keys, in column order
-    grid_keys: list[str] = field(default_factory=list)
-    runs: list[Run] = field(default_factory=list)
-    dir: Path = Path()
-
-
-# ----------------------------------------------------------------------------- the sweep file
-
-def _check(values: dict[str, Any], where: str) -> None:
-    """Type-check `values` against TrainConfig; errors name the place in the sweep file."""
-    try:
-        apply_overrides(TrainConfig(), values, where=f" in {where}")
-    except UserError as e:
-        raise UserError(str(e) if str(e).startswith("unknown") else f"{where}: {e}") from None
-    for k in SET_BY_SWEEP:
-        if k in values:
-            raise UserError(f"{where}: '{k}' is set by sweep.py (each run gets its own out_dir under the "
-                            f"sweep's folder and is resumed when interrupted); remove it")
-
-
-def run_name(parts: dict[str, Any]) -> str:
-    """A readable directory name from swept values: lr0.003_layer4, mlp-swiglu, war_and_peace_char."""
-    words = []
-    for k, v in parts.items():
-        if k == "variant":
-            words.append(str(v))
-            continue
-        abbr, text = ABBREV.get(k, k), _format_value(v)
-        sep = "-" if abbr and (isinstance(v, (str, bool)) or abbr[-1].isdigit()) else ""
-        words.append(f"{abbr}{sep}{text}")
-    name = re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(words)).strip("-.")
-    return name or "run"
-
-
-def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | Path) -> Sweep:
-    """Parse and validate a sweep file into its runs; every error a user can cause is a UserError,
-    raised before anything runs."""
-    path = Path(path)
-    data = load_toml(path, "sweep file")
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    for k in data:
-        if k in train_keys:
-            raise UserError(f"{path}: '{k}' is a train.py key; put it under [fixed] (or [grid]) in the sweep file")
-        if k not in RESERVED:
-            raise unknown_key(k, RESERVED, f" in sweep file {path} (its top-level keys are {', '.join(RESERVED)})")
-
-    base = data.get("base", [])
-    if isinstance(base, str):
-        base = [base]
-    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
-        raise UserError(f"{path}: base must be a config file name or a list of them, e.g. base = [\"config/x.toml\"]")
-    cfg0 = TrainConfig()
-    for b in base:
-        cfg0 = apply_overrides(cfg0, read_toml(b), where=f" in {b}")
-
-    fixed = data.get("fixed", {})
-    if not isinstance(fixed, dict):
-        raise UserError(f"{path}: fixed must be a table: [fixed] followed by key = value lines")
-    _check(fixed, f"[fixed] of {path}")
-
-    grid = data.get("grid")
-    variants = data.get("variants")
-    if grid is None and variants is None:
-        raise UserError(f"{path} has no [grid] and no [[variants]]: nothing to sweep")
-    grid = {} if grid is None else grid
-    if not isinstance(grid, dict):
-        raise UserError(f"{path}: grid must be a table: [grid] followed by key = [values] lines")
-    if "grid" in data and not grid:
-        raise UserError(f"{path}: [grid] is empty; give it key = [value, ...] lines or remove it")
-    for k, values in grid.items():
-        if not isinstance(values, list):
-            raise UserError(f"{path}: [grid] {k} must be a list of values, e.g. {k} = [{values!r}]")
-        if not values:
-            raise UserError(f"{path}: [grid] {k} is an empty list; give it at least one value")
-        if len({json.dumps(v) for v in values}) < len(values):
-            raise UserError(f"{path}: [grid] {k} repeats a value: {values}")
-        for v in values:
-            _check({k: v}, f"[grid] of {path}")
-    variants = [{}] if variants is None else variants
-    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
-        raise UserError(f"{path}: variants must be [[variants]] tables, one per run")
-    named = [("name" in v) for v in variants]
-    if any(named) and not all(named):
-        raise UserError(f"{path}: give every [[variants]] table a name, or none of them")
-    for i, v in enumerate(variants, 1):
-        if "name" in v and (not isinstance(v["name"], str) or not v["name"].strip()):
-            raise UserError(f"{path}: [[variants]] number {i} has a bad name {v['name']!r}; use a short string")
-        _check({k: x for k, x in v.items() if k != "name"}, f"[[variants]] number {i} of {path}")
-
-    # a key may be swept in one place only, so no run depends on which wins
-    variant_keys = list(dict.fromkeys(k for v in variants for k in v if k != "name"))
-    for k in variant_keys:
-        if k in grid:
-            raise UserError(f"{path}: '{k}' is in both [grid] and [[variants]]; sweep it in one of them")
-    for k in [*variant_keys, *grid]:
-        if k in fixed:
-            raise UserError(f"{path}: '{k}' is both in [fixed] and swept; remove it from [fixed]")
-        if k in cli_overrides:
-            raise UserError(f"--{k} on the command line would override a swept key of {path}")
-    keys = (["variant"] if any(named) else []) + variant_keys + list(grid)
-
-    sweep = Sweep(name=path.stem, path=path, base=base, fixed=fixed, cli=cli_overrides, keys=keys,
-                  grid_keys=list(grid), dir=Path(out_root) / path.stem)
-    seen: dict[str, int] = {}
-    for variant in variants:
-        for point in product(*grid.values()):
-            values = {k: v for k, v in variant.items() if k != "name"} | dict(zip(grid, point))
-            swept = ({"variant": variant["name"]} if "name" in variant else {}) | values
-            label = run_name({"variant": variant["name"]} | dict(zip(grid, point)) if "name" in variant else swept)
-            if label in seen:
-                raise UserError(f"{path}: runs {seen[label] + 1} and {len(sweep.runs) + 1} would both be named "
-                                f"'{label}'; make the variants differ or give them different names")
-            seen[label] = len(sweep.runs)
-            overrides = {**fixed, **values, **cli_overrides, "out_dir": str(sweep.dir / label)}
-            try:
-                cfg = apply_overrides(cfg0, overrides, where=f" in {path}")
-                if cfg.wandb_log:  # a sweep's runs share a wandb group; each is named after its folder
-                    cfg = dataclasses.replace(cfg, wandb_group=cfg.wandb_group or sweep.name,
-                                              wandb_run_name=cfg.wandb_run_name or f"{sweep.name}/{label}")
-                    overrides |= {"wandb_group": cfg.wandb_group, "wandb_run_name": cfg.wandb_run_name}
-                validate(cfg)
-            except UserError as e:
-                raise UserError(f"{path}: run {label}: {e}") from None
-            typed = {k: getattr(cfg, k) for k in overrides}
-            vlabel = variant.get("name") or run_name({k: v for k, v in variant.items() if k != "name"})
-            sweep.runs.append(Run(name=label, swept=swept, overrides=typed, cfg=cfg, variant=vlabel if variant else ""))
-    return sweep
-
+# ----------------------------------------------------------------------------- before running
 
 def missing_data(sweep: Sweep) -> list[str]:
     """One message per data_dir that prepare.py has not written yet."""
@@ -253,8 +99,9 @@ def config_changes(run: Run) -> list[str]:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return [f"{path} is unreadable"]
-    now = config_dict(run.cfg)
-    defaults = config_dict(TrainConfig())  # a key the saved config lacks came later, its default the old behaviour
+    now = json.loads(json.dumps(config_dict(run.cfg)))  # as saved: a list option's tuple is a list there
+    # a key the saved config lacks came later: its default is the old behaviour (a model key's: GPTConfig's, all off)
+    defaults = config_dict(TrainConfig()) | config_dict(GPTConfig())
     return [f"{k}: {saved.get(k, defaults[k])!r} there vs {v!r} now" for k, v in now.items()
             if k not in NOT_COMPARED and saved.get(k, defaults[k]) != v]
 
@@ -267,8 +114,7 @@ def command(run: Run, opts: SweepOptions, base: list[str], resume: bool) -> list
                     f"--nproc_per_node={opts.nproc_per_node}", str(TRAIN)]
     else:
         launcher = [sys.executable, str(TRAIN)]
-    args = [f"--{k}={_format_arg(v)}" for k, v in run.overrides.items()]
-    return launcher + base + args + [f"--init_from={'resume' if resume else 'scratch'}"]
+    return launcher + base + to_flags(run.overrides) + [f"--init_from={'resume' if resume else 'scratch'}"]
 
 
 def _pump(stream: io.BufferedReader, log: io.BufferedWriter, echo: bool) -> None:
@@ -393,12 +239,13 @@ def parse_args(argv: list[str]) -> tuple[str, SweepOptions, dict[str, str]]:
     if opts.nproc_per_node < 0 or opts.timeout_minutes < 0:
         raise UserError("--nproc_per_node and --timeout_minutes must be 0 or more")
     train_overrides = {k: v for k, v in raw.items() if k in train_keys}
-    _check(train_overrides, "the command line")
+    check_keys(train_overrides, "the command line")
     return files[0], opts, train_overrides
 
 
-def check_runnable(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> None:
-    """What load_sweep cannot see in the file alone: the launcher, and runs already on disk."""
+def check_runnable(sweep: Sweep, opts: SweepOptions) -> dict[str, str]:
+    """What load_sweep cannot see in the file alone: the launcher, and runs already on disk; each run's state."""
+    states = {r.name: run_state(r.out_dir) for r in sweep.runs}
     for r in sweep.runs:
         if opts.nproc_per_node > 1 and r.cfg.gradient_accumulation_steps % opts.nproc_per_node:
             raise UserError(f"run {r.name}: gradient_accumulation_steps={r.cfg.gradient_accumulation_steps} must be "
@@ -408,6 +255,7 @@ def check_runnable(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> 
     if changed:
         raise UserError(f"runs already in {sweep.dir} were trained with another config: {', '.join(changed)}; "
                         f"delete those folders to retrain them, or pass another --out_root")
+    return states
 
 
 ACTIONS = {"finished": "finished, skip", "interrupted": "interrupted, resume from ckpt.pt", "new": "start"}
@@ -421,15 +269,6 @@ def print_plan(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> None
         print(f"  [{i}/{len(sweep.runs)}] {r.name}: {ACTIONS[states[r.name]]}")
         if opts.dry_run:
             print(f"      {shlex.join(command(r, opts, sweep.base, states[r.name] == 'interrupted'))}")
-
-
-def describe(row: dict[str, Any]) -> str:
-    head = f"{row['status']} in {_duration(row['wall_s'])}"
-    if row["status"] != "finished":
-        return f"{head}: {row['error']}"
-    tps = f", {row['tokens_per_s']:,.0f} tok/s" if row["tokens_per_s"] else ""
-    return (f"{head} ({row['reason']}): best val {row['best_val_bpb']:.4f} bpb (loss {row['best_val_loss']:.4f}) "
-            f"at step {row['best_iter']} of {row['iters']}{tps}")
 
 
 def run_sweep(sweep: Sweep, opts: SweepOptions, states: dict[str, str]) -> int:
@@ -469,9 +308,7 @@ def main(argv: list[str]) -> int:
     path, opts, train_overrides = parse_args(argv)
     sweep = load_sweep(path, train_overrides, opts.out_root)
     if opts.dry_run:
-        states = {r.name: run_state(r.out_dir) for r in sweep.runs}
-        check_runnable(sweep, opts, states)
-        print_plan(sweep, opts, states)
+        print_plan(sweep, opts, check_runnable(sweep, opts))
         for m in missing_data(sweep):
             print(f"warning: {m}")
         return 0
@@ -480,9 +317,7 @@ def main(argv: list[str]) -> int:
         raise UserError("; ".join(missing))
     lock = sweep_lock(sweep.dir)
     try:
-        states = {r.name: run_state(r.out_dir) for r in sweep.runs}
-        check_runnable(sweep, opts, states)
-        return run_sweep(sweep, opts, states)
+        return run_sweep(sweep, opts, check_runnable(sweep, opts))
     finally:
         lock.close()
 

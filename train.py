@@ -8,9 +8,9 @@ lowest-val checkpoint, ckpt.pt the latest (and ema.pt, with --ema_decay, the wei
 lowest val); `--init_from=resume` continues from ckpt.pt exactly (weights, optimizer, weight
 average, RNG streams, step). SIGINT/SIGTERM finish the step, save, exit 0.
 
-It holds the loop and what only the loop uses, a section each: the config, the metrics file,
-one step (train_step, which bench.py times too), and the Trainer that runs them; batches.py draws
-the batches and distributed.py holds the processes of a DDP job and the stop signals.
+Read top to bottom: `train` starts the processes and names what went wrong, `Run` sets a run up (data,
+model, optimizers, ckpt.pt on resume, files) and saves and evaluates it, `loop` trains in labelled blocks.
+bookgpt/training.py holds the config, RunState and one step (train_step, which bench.py times too).
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ import math
 import re
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from bookgpt.batches import Batches, Loader, read_data_meta
 from bookgpt.checkpoint import FILES, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
@@ -35,8 +37,8 @@ from bookgpt.config import GPTConfig, UserError, atomic_write_bytes, atomic_writ
 from bookgpt.distill import Teacher, teacher_checkpoints
 from bookgpt.distributed import Dist, StopFlag, setup_distributed, wrap_ddp
 from bookgpt.optim import WeightAverage, dropout_at, lr_factor, make_optimizers, set_lr
-from bookgpt.training import (Metrics, TrainConfig, check_writable, estimate_loss, load_config, remove_stale_temps,
-                              rng_state, set_rng_state, train_step, validate)
+from bookgpt.training import (Metrics, RunState, TrainConfig, estimate_loss, load_config, prepare_out_dir, rng_state,
+                              set_rng_state, train_step, validate)
 from model import GPT
 
 # ----------------------------------------------------------------------------- the run
@@ -48,7 +50,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     lost = False
     try:
         with StopFlag() as stop, deterministic_kernels() if cfg.deterministic else contextlib.nullcontext():
-            summary = Trainer(cfg, d, stop).run()
+            summary = loop(Run(cfg, d), stop)
         d.barrier()  # all ranks finish together: a rank tearing gloo down while rank 0 still saves can abort
         return summary
     except RuntimeError as e:  # gloo and NCCL report a dead or hung peer as a RuntimeError
@@ -77,77 +79,73 @@ def load_teacher(runs: tuple[str, ...], meta: dict[str, Any], block_size: int, d
     return Teacher([GPT.from_checkpoint(ckpt, path, device) for ckpt, path in teacher_checkpoints(runs, meta, block_size)])
 
 
-class Trainer:
-    """One training run: the model and its optimizers, the files in out_dir, and the loop."""
+# ----------------------------------------------------------------------------- setup
 
-    def __init__(self, cfg: TrainConfig, d: Dist, stop: StopFlag) -> None:
-        self.cfg, self.d, self.stop, self.device = cfg, d, stop, d.device
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+class Run:
+    """One run's pieces: the data, the model and its optimizers, what a checkpoint saves and a resume restores
+    (weights, optimizer moments, loss scale, weight average, RunState, random streams), the files in out_dir."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist) -> None:
+        self.cfg, self.d = cfg, d
+        dtype = resolve_dtype(cfg.dtype, d.device)
         if cfg.gradient_accumulation_steps % d.world:
             raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible by the "
                             f"number of processes ({d.world})")
         self.accum = cfg.gradient_accumulation_steps // d.world
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if self.device.startswith("cuda"):
+        if d.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.out_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-        self.meta = read_data_meta(self.data_dir, cfg.train_split)
+        # ---- the data, the teachers, out_dir
+        self.out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+        self.meta = read_data_meta(data_dir, cfg.train_split)
         # the estimates read train and val; the steps read train_split (train, or its random segmentations)
-        self.batches = {s: Batches(self.data_dir, s, self.meta["dtype"], cfg.block_size, cfg.batch_size, self.device)
+        self.batches = {s: Batches(data_dir, s, self.meta["dtype"], cfg.block_size, cfg.batch_size, d.device)
                         for s in ("train", "val")}
-        self.step_batches = self.batches.get(cfg.train_split) or Batches(
-            self.data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size, self.device)
-        self.teacher_runs = list(cfg.distill_from)
-        self.teacher = load_teacher(cfg.distill_from, self.meta, cfg.block_size, self.device) if cfg.distill_from else None
+        step_batches = self.batches.get(cfg.train_split) or Batches(
+            data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size, d.device)
+        self.teacher = load_teacher(cfg.distill_from, self.meta, cfg.block_size, d.device) if cfg.distill_from else None
         if cfg.init_from == "scratch" and not cfg.overwrite and any((self.out_dir / f).is_file() for f in FILES.values()):
             raise UserError(f"{self.out_dir} already holds a trained run; continue it with --init_from=resume, train "
                             f"into another --out_dir, or replace it with --overwrite=true")
         if d.master:  # after the data checks, so a bad --data_dir or block_size leaves no empty out_dir behind
-            check_writable(self.out_dir)
-            remove_stale_temps(self.out_dir)
-            if cfg.init_from == "scratch":  # a replaced run's weight average is not this run's
-                checkpoint_path(self.out_dir, "ema").unlink(missing_ok=True)
+            prepare_out_dir(self.out_dir, scratch=cfg.init_from == "scratch")
 
-        # the model, its optimizers and the run's state (from ckpt.pt on resume)
+        # ---- the model, its optimizers, and where the run stands (from ckpt.pt on resume)
         if cfg.vocab_size not in (0, self.meta["vocab_size"]):
-            raise UserError(f"vocab_size={cfg.vocab_size} but {self.data_dir} has {self.meta['vocab_size']} tokens; "
+            raise UserError(f"vocab_size={cfg.vocab_size} but {data_dir} has {self.meta['vocab_size']} tokens; "
                             f"leave vocab_size at 0 (the data's)")
         model_cfg = GPTConfig.from_dict({**config_dict(cfg), "vocab_size": self.meta["vocab_size"]})
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(model_cfg).to(self.device)
+        self.raw_model = GPT(model_cfg).to(d.device)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.optimizers = make_optimizers(self.raw_model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=(self.dtype == "float16"))
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * d.rank)  # this rank's batch stream
+        self.optimizers = make_optimizers(self.raw_model, cfg, d.device)
+        self.scaler = torch.amp.GradScaler(d.device.split(":")[0], enabled=(dtype == "float16"))
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 * d.rank)  # this rank's batch stream
         torch.manual_seed(cfg.seed + 1000 * d.rank + 1)  # this rank's dropout stream
+        self.state = RunState()
+        saved = self.restore(model_cfg, gen) if cfg.init_from == "resume" else {}
+        self.loader = Loader(step_batches, gen)  # after restore: where the saved stream stands
+        # the weight average: the checkpoint's, or one starting from the weights as they stand
         self.ema = WeightAverage(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
-        self.state = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": -1, "evals_since_best": 0,
-                      "tokens_seen": 0, "train_seconds": 0.0, "best_ema_val_loss": float("inf"), "best_ema_iter": -1}
-        if cfg.init_from == "resume":
-            self.resume(model_cfg)
-        self.loader = Loader(self.step_batches, self.gen)  # after resume: where the saved stream stands
+        if self.ema is not None and saved.get("ema"):
+            self.ema.load_state_dict(saved["ema"])
 
-        self.model: torch.nn.Module = self.raw_model
+        # ---- what takes the steps: the model, compiled, wrapped for DDP, under autocast
         self.compiled = CompiledWithFallback(self.raw_model) if cfg.compile else None
-        if self.compiled is not None:
-            self.model = self.compiled
-        self.ddp = wrap_ddp(self.model, self.device) if d.world > 1 else None
-        if self.ddp is not None:
-            self.model = self.ddp
-        self.ctx = autocast(self.device, self.dtype)
+        model = self.compiled if self.compiled is not None else self.raw_model
+        self.ddp = wrap_ddp(model, d.device) if d.world > 1 else None
+        self.model = self.ddp if self.ddp is not None else model
+        self.ctx = autocast(d.device, dtype)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device), not read yet
-        self.lr = cfg.learning_rate
-        self.val_bpb, self.val_bpb_of = math.inf, ""  # the last eval's, the weights' or (named) their average's
-        self.bar: Any = None
-        self.by_time = False
-        self.start_logging()
+        self.metrics = self.start_logging(dtype)
 
-    def resume(self, model_cfg: GPTConfig) -> None:
-        """Weights, optimizer moments, loss scale, counters and this rank's random streams from ckpt.pt.
-        Loaded onto the CPU first: load_state_dict copies each tensor to where its parameter lives."""
+    def restore(self, model_cfg: GPTConfig, gen: torch.Generator) -> dict[str, Any]:
+        """Weights, optimizer moments, loss scale, RunState and this rank's random streams from ckpt.pt; returns
+        it. Loaded onto the CPU first: load_state_dict copies each tensor to where its parameter lives."""
         path = checkpoint_path(self.out_dir, "latest")
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, model_cfg, self.meta, path, self.cfg.optimizer)
@@ -156,54 +154,50 @@ class Trainer:
             opt_.load_state_dict(sd)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None:
-            if ckpt.get("ema"):
-                self.ema.load_state_dict(ckpt["ema"])
-            else:
-                self.ema = WeightAverage(self.raw_model, self.cfg.ema_decay)  # starts from the resumed weights
-        self.state.update({k: ckpt.get(k, v) for k, v in self.state.items()})
+        # the counters under RunState's names; a key an older checkpoint lacks keeps its starting value
+        self.state = RunState(**{k: ckpt.get(k, v) for k, v in asdict(self.state).items()})
         if self.d.rank < len(ckpt["rng"]):  # a job resumed with more processes: the new ones start fresh streams
-            set_rng_state(ckpt["rng"][self.d.rank], self.gen, self.device)
+            set_rng_state(ckpt["rng"][self.d.rank], gen, self.d.device)
         if self.d.master:
-            print(f"resumed from step {self.state['iter_num']} ({path})")
+            print(f"resumed from step {self.state.iter_num} ({path})")
+        return ckpt
 
-    def start_logging(self) -> None:
+    def start_logging(self, dtype: str) -> Metrics | None:
+        """Write config.json, meta.json and the tokenizer's files, say what runs; returns rank 0's metrics file."""
         cfg, d, meta = self.cfg, self.d, self.meta
-        resume_iter = self.state["iter_num"] if cfg.init_from == "resume" else None
-        self.metrics = Metrics(self.out_dir / "metrics.jsonl", resume_iter) if d.master else None
+        metrics = None
         if d.master:
+            metrics = Metrics(self.out_dir / "metrics.jsonl", self.state.iter_num if cfg.init_from == "resume" else None)
             atomic_write_json(self.out_dir / "config.json", config_dict(cfg))
             atomic_write_json(self.out_dir / "meta.json", meta)
             ranks = meta["tokenizer"].get("ranks_file")  # a BPE tokenizer's merges travel with the run
             if ranks:
-                atomic_write_bytes(self.out_dir / ranks, (self.data_dir / ranks).read_bytes())
+                atomic_write_bytes(self.out_dir / ranks, (Path(cfg.data_dir) / ranks).read_bytes())
             if cfg.warmup_iters > cfg.max_iters:  # a short trial run is fine; say what it means
                 print(f"warning: warmup_iters={cfg.warmup_iters} is longer than the run (max_iters={cfg.max_iters}): "
                       f"the learning rate never reaches its peak", file=sys.stderr)
-            changed = {k: v for k, v in config_dict(cfg).items() if v != getattr(TrainConfig(), k)}
-            print(f"config in {self.out_dir / 'config.json'}; set apart from the defaults: "
-                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "nothing"))
-            tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-            print(f"device {self.device} ({self.dtype}{', GradScaler' if self.scaler.is_enabled() else ''}"
+            changed = ", ".join(f"{k}={v}" for k, v in config_dict(cfg).items() if v != getattr(TrainConfig(), k))
+            print(f"config in {self.out_dir / 'config.json'}; set apart from the defaults: {changed or 'nothing'}")
+            print(f"device {d.device} ({dtype}{', GradScaler' if self.scaler.is_enabled() else ''}"
                   f"{', compile' if cfg.compile else ''}), {d.world} process(es), "
-                  f"{self.raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
+                  f"{self.raw_model.num_params() / 1e6:.2f}M parameters, {self.tokens_per_step:,} tokens per step, "
                   f"{meta['splits']['train']['tokens']:,} train tokens")
-        if self.teacher is not None and self.state["iter_num"] == 0:  # its quality, on the batches the evals use
+        if self.teacher is not None and self.state.iter_num == 0:  # its quality, on the batches the evals use
             losses = estimate_loss(self.teacher, self.batches, cfg, d, self.ctx)
-            record = {"kind": "teacher", "iter": 0, "runs": self.teacher_runs, "train_loss": losses["train"],
+            record = {"kind": "teacher", "iter": 0, "runs": list(cfg.distill_from), "train_loss": losses["train"],
                       "val_loss": losses["val"], "val_bpb": bits_per_byte(losses["val"], meta["splits"]["val"])}
             if d.master:
-                self.metrics.write(record)
-                print(f"teacher ({len(self.teacher_runs)} run(s)): train {losses['train']:.4f}, val {losses['val']:.4f} "
+                metrics.write(record)
+                print(f"teacher ({len(cfg.distill_from)} run(s)): train {losses['train']:.4f}, val {losses['val']:.4f} "
                       f"({record['val_bpb']:.3f} bpb); distill_weight {cfg.distill_weight}")
-        self.wandb = None
         if cfg.wandb_log and d.master:
             try:
                 import wandb
             except ImportError:
                 raise UserError("wandb_log=true but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or self.out_dir.name,
-                                    group=cfg.wandb_group or None, config=config_dict(cfg), resume="allow")
+            metrics.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or self.out_dir.name,
+                                       group=cfg.wandb_group or None, config=config_dict(cfg), resume="allow")
+        return metrics
 
     # ------------------------------------------------------------------ reading, saving, evaluating
 
@@ -219,182 +213,163 @@ class Trainer:
         self.pending.clear()
         for step, value in zip(steps, values):
             if not math.isfinite(value):
-                self.bar.close()
                 raise UserError(f"loss became {value} at step {step}; the last good checkpoints in {self.out_dir} "
                                 f"are kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
         return values[-1]
 
     def save(self, which: str) -> None:
         self.read_losses()
-        rngs = self.d.gather(rng_state(self.loader, self.device))  # every rank's streams, so each resumes
+        rngs = self.d.gather(rng_state(self.loader, self.d.device))  # every rank's streams, so each resumes
         if self.d.master:
             save_checkpoint(checkpoint_path(self.out_dir, which), self.raw_model,
                             optimizer=[o.state_dict() for o in self.optimizers],
                             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                             config=config_dict(self.cfg), meta=self.meta, rng=rngs,
-                            ema=self.ema.state_dict() if self.ema is not None else None, **self.state)
+                            ema=self.ema.state_dict() if self.ema is not None else None, **asdict(self.state))
 
-    def evaluate_average(self, record: dict[str, Any]) -> str:
-        """Score the weight average on val; save it as ema.pt when it improved. Returns the log's words."""
-        state = self.state
-        with self.ema.swapped_in():
-            val = estimate_loss(self.model, {"val": self.batches["val"]}, self.cfg, self.d, self.ctx)["val"]
-            improved = math.isfinite(val) and val < state["best_ema_val_loss"]
-            if improved:
-                state.update(best_ema_val_loss=val, best_ema_iter=state["iter_num"])
-                if self.d.master:
-                    save_checkpoint(checkpoint_path(self.out_dir, "ema"), self.raw_model, config=config_dict(self.cfg),
-                                    meta=self.meta, iter_num=state["iter_num"], best_val_loss=val,
-                                    best_iter=state["iter_num"], tokens_seen=state["tokens_seen"])
-        record.update(ema_val_loss=val, ema_val_bpb=bits_per_byte(val, self.meta["splits"]["val"]))
-        return f"; average {val:.4f} ({record['ema_val_bpb']:.3f} bpb){' *best*' if improved else ''}"
-
-    def evaluate_and_save(self) -> None:
-        state, out_dir = self.state, self.out_dir
-        losses = estimate_loss(self.model, self.batches, self.cfg, self.d, self.ctx)
+    def evaluate(self, lr: float) -> dict[str, Any]:
+        """Score train and val (and the weight average: ema.pt), log them, save best.pt if val improved and ckpt.pt."""
+        cfg, state, val_split = self.cfg, self.state, self.meta["splits"]["val"]
+        losses = estimate_loss(self.model, self.batches, cfg, self.d, self.ctx)
         for split, value in losses.items():  # the last step's update broke the weights: do not save them
             if not math.isfinite(value):
-                self.bar.close()
-                raise UserError(f"eval loss on {split} became {value} at step {state['iter_num']}; the last good "
-                                f"checkpoints in {out_dir} are kept. Try a lower learning_rate, grad_clip=1, "
-                                f"or dtype=bfloat16/float32")
-        improved = losses["val"] < state["best_val_loss"]
+                raise UserError(f"eval loss on {split} became {value} at step {state.iter_num}; the last good checkpoints "
+                                f"in {self.out_dir} are kept. Try a lower learning_rate, grad_clip=1, or dtype=bfloat16/float32")
+        improved = losses["val"] < state.best_val_loss
+        state.evals_since_best = 0 if improved else state.evals_since_best + 1
         if improved:
-            state.update(best_val_loss=losses["val"], best_iter=state["iter_num"], evals_since_best=0)
-        else:
-            state["evals_since_best"] += 1
-        record = {"kind": "eval", "iter": state["iter_num"], "train_loss": losses["train"], "val_loss": losses["val"],
-                  "val_bpb": bits_per_byte(losses["val"], self.meta["splits"]["val"]), "lr": self.lr,
-                  "tokens_seen": state["tokens_seen"], "time_s": state["train_seconds"]}
-        average = self.evaluate_average(record) if self.ema is not None else ""
-        # the finish line (target_val_bpb) reads the better of the weights and their average
-        self.val_bpb = min(record["val_bpb"], record.get("ema_val_bpb", math.inf))
-        self.val_bpb_of = " (the weight average's: ema.pt)" if self.val_bpb < record["val_bpb"] else ""
+            state.best_val_loss, state.best_iter = losses["val"], state.iter_num
+        record = {"kind": "eval", "iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                  "val_bpb": bits_per_byte(losses["val"], val_split), "lr": lr, "tokens_seen": state.tokens_seen,
+                  "time_s": state.train_seconds}
+        average = ""
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                val = estimate_loss(self.model, {"val": self.batches["val"]}, cfg, self.d, self.ctx)["val"]
+                ema_improved = math.isfinite(val) and val < state.best_ema_val_loss
+                if ema_improved:
+                    state.best_ema_val_loss, state.best_ema_iter = val, state.iter_num
+                    if self.d.master:
+                        save_checkpoint(checkpoint_path(self.out_dir, "ema"), self.raw_model, config=config_dict(cfg),
+                                        meta=self.meta, iter_num=state.iter_num, best_val_loss=val,
+                                        best_iter=state.iter_num, tokens_seen=state.tokens_seen)
+            record.update(ema_val_loss=val, ema_val_bpb=bits_per_byte(val, val_split))
+            average = f"; average {val:.4f} ({record['ema_val_bpb']:.3f} bpb){' *best*' if ema_improved else ''}"
         if self.d.master:
             self.metrics.write(record)
-            self.bar.write(f"step {state['iter_num']}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                           f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}{average}")
-            if self.wandb:
-                self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "kind"}, step=state["iter_num"])
+            tqdm.write(f"step {state.iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                       f"({record['val_bpb']:.3f} bpb){' *best*' if improved else ''}{average}")  # above the bar
         if improved:
             self.save("best")
         self.save("latest")
+        return record
 
-    def log_train(self, step: int, loss: float, tokens_per_s: float) -> None:
-        lrs = {"lr": f"{self.lr:.2e}"}
-        if self.cfg.optimizer == "muon":  # both rates: AdamW's (embeddings, gains) and Muon's (hidden matrices)
-            lrs["muon_lr"] = f"{self.cfg.muon_lr * self.lr / self.cfg.learning_rate:.2e}"
-        self.bar.set_postfix(**({"step": step} if self.by_time else {}), loss=f"{loss:.4f}", **lrs,
-                             tok_s=f"{tokens_per_s:,.0f}")
-        record = {"kind": "train", "iter": step, "loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s,
-                  "time_s": self.state["train_seconds"]}
-        if self.scaler.is_enabled():
-            record["loss_scale"] = self.scaler.get_scale()
-        self.metrics.write(record)
-        if self.wandb:
-            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "kind"}, step=step)
 
-    def should_stop(self, step: int) -> tuple[bool, bool]:
-        """(a signal asked to stop, the max_minutes budget is spent), agreed on by all processes. They
-        must stop at the same step, and agreeing waits for the GPU, so a job of several processes
-        agrees at log and eval steps only (a signal then takes effect up to log_interval steps late)."""
-        cfg = self.cfg
-        flags = [self.stop.requested, cfg.max_minutes > 0 and self.state["train_seconds"] >= cfg.max_minutes * 60]
-        if self.d.world == 1:
-            return flags[0], flags[1]
-        if step % cfg.log_interval and step % cfg.eval_interval:
-            return False, False
-        agreed = self.d.any(flags)
-        return agreed[0], agreed[1]
+def reached_bpb(record: dict[str, Any]) -> float:  # the finish line reads the better of the weights and their average
+    return min(record.get("val_bpb", math.inf), record.get("ema_val_bpb", math.inf))
 
-    # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
-        from tqdm import tqdm
-        cfg, d, state = self.cfg, self.d, self.state
-        # the bar shows what ends the run: steps, or under a max_minutes cap the training seconds
-        self.by_time = cfg.max_minutes > 0
-        total = round(cfg.max_minutes * 60) if self.by_time else cfg.max_iters
-        done = int(state["train_seconds"]) if self.by_time else state["iter_num"]
-        self.bar = tqdm(total=total, initial=min(done, total), disable=not d.master, dynamic_ncols=True,
-                        unit="s" if self.by_time else "it", desc=f"{cfg.max_minutes:g}-minute cap" if self.by_time else None)
-        decay_iters = cfg.lr_decay_iters or cfg.max_iters
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-        self.lr = cfg.learning_rate * lr_factor(cfg, state["iter_num"], state["iter_num"] / decay_iters)
-        reason = "max_iters"
-        seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
-        if state["iter_num"] == 0:
-            self.evaluate_and_save()
-        while state["iter_num"] < cfg.max_iters:
-            it = state["iter_num"]
+# ----------------------------------------------------------------------------- the loop
+
+def loop(run: Run, stop: StopFlag) -> dict[str, Any]:
+    """Train until the budget (steps, or max_minutes), early stopping, the target or a signal ends the run."""
+    cfg, d, state = run.cfg, run.d, run.state
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    lr = cfg.learning_rate * lr_factor(cfg, state.iter_num, state.iter_num / decay_iters)
+    seconds_last, tokens_last = state.train_seconds, state.tokens_seen
+    reason, last = "max_iters", {}
+    by_time = cfg.max_minutes > 0  # the bar shows what ends the run: steps, or under a max_minutes cap the seconds
+    total = round(cfg.max_minutes * 60) if by_time else cfg.max_iters
+    with tqdm(total=total, initial=min(int(state.train_seconds) if by_time else state.iter_num, total),
+              disable=not d.master, dynamic_ncols=True, unit="s" if by_time else "it",
+              desc=f"{cfg.max_minutes:g}-minute cap" if by_time else None) as bar:  # closed however the loop ends
+        if state.iter_num == 0:
+            last = run.evaluate(lr)
+        while state.iter_num < cfg.max_iters:
+            # ---- learning rate and dropout for this step: they follow the budget, steps or (max_minutes) time
             t0 = time.perf_counter()
-            progress = it / decay_iters
-            if cfg.max_minutes > 0:
-                progress = max(progress, state["train_seconds"] / 60 / cfg.max_minutes)
-            factor = lr_factor(cfg, it, progress)
-            self.lr = cfg.learning_rate * factor
-            set_lr(self.optimizers, cfg, factor)
+            progress = max(state.iter_num / decay_iters, state.train_seconds / 60 / cfg.max_minutes if by_time else 0.0)
+            factor = lr_factor(cfg, state.iter_num, progress)
+            lr = cfg.learning_rate * factor
+            set_lr(run.optimizers, cfg, factor)
             if cfg.dropout_ramp:
-                self.raw_model.set_dropout(dropout_at(cfg, progress))
-            loss, stepped = train_step(self.model, self.optimizers, self.scaler, self.params, self.loader, self.accum,
-                                       self.ctx, cfg.grad_clip, self.ddp, self.teacher, cfg.distill_weight)
-            if self.ema is not None and stepped:
-                self.ema.update()
-            step = it + 1
-            self.pending.append((step, loss))
-            loss_value = self.read_losses() if step % cfg.log_interval == 0 else None  # the only wait per interval
-            state["iter_num"] = step
-            state["tokens_seen"] += tokens_per_step
-            state["train_seconds"] += time.perf_counter() - t0
-            self.bar.update(min(int(state["train_seconds"]), self.bar.total) - self.bar.n if self.by_time else 1)
-            if loss_value is not None and d.master:
-                tps = (state["tokens_seen"] - tokens_last) / max(state["train_seconds"] - seconds_last, 1e-9)
-                seconds_last, tokens_last = state["train_seconds"], state["tokens_seen"]
-                self.log_train(step, loss_value, tps)
+                run.raw_model.set_dropout(dropout_at(cfg.dropout, cfg.dropout_ramp, progress))
 
-            stop_now, out_of_time = self.should_stop(step)
+            # ---- one step; its loss stays on the device until a log step reads it (the only wait per interval)
+            loss, stepped = train_step(run.model, run.optimizers, run.scaler, run.params, run.loader, run.accum,
+                                       run.ctx, cfg.grad_clip, run.ddp, run.teacher, cfg.distill_weight)
+            if run.ema is not None and stepped:
+                run.ema.update()
+            step = state.iter_num + 1
+            run.pending.append((step, loss))
+            loss_value = run.read_losses() if step % cfg.log_interval == 0 else None
+            state.iter_num, state.tokens_seen = step, state.tokens_seen + run.tokens_per_step
+            state.train_seconds += time.perf_counter() - t0
+            bar.update(min(int(state.train_seconds), total) - bar.n if by_time else 1)
+
+            # ---- log
+            if loss_value is not None and d.master:
+                tokens_per_s = (state.tokens_seen - tokens_last) / max(state.train_seconds - seconds_last, 1e-9)
+                seconds_last, tokens_last = state.train_seconds, state.tokens_seen
+                # under Muon both rates: AdamW's (embeddings, gains) and Muon's (hidden matrices)
+                muon = {"muon_lr": f"{cfg.muon_lr * lr / cfg.learning_rate:.2e}"} if cfg.optimizer == "muon" else {}
+                bar.set_postfix(**({"step": step} if by_time else {}), loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **muon,
+                                tok_s=f"{tokens_per_s:,.0f}")
+                scale = {"loss_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}
+                run.metrics.write({"kind": "train", "iter": step, "loss": loss_value, "lr": lr,
+                                   "tokens_per_s": tokens_per_s, "time_s": state.train_seconds, **scale})
+
+            # ---- stop, evaluate, save
+            # a signal or the spent max_minutes budget stops every process at the same step; agreeing waits for
+            # the GPU, so several processes agree at log and eval steps only (a signal may act log_interval late)
+            stop_now, out_of_time = stop.requested, by_time and state.train_seconds >= cfg.max_minutes * 60
+            if d.world > 1:
+                agree = step % cfg.log_interval == 0 or step % cfg.eval_interval == 0
+                stop_now, out_of_time = d.any([stop_now, out_of_time]) if agree else (False, False)
             if stop_now:
                 reason = "signal"
                 if step % cfg.eval_interval == 0:
-                    self.evaluate_and_save()  # a resume would not redo this step's eval: do it now (it saves too)
+                    last = run.evaluate(lr)  # a resume would not redo this step's eval: do it now (it saves)
                 else:
-                    self.save("latest")
+                    run.save("latest")
                 break
             if step % cfg.eval_interval == 0 or step >= cfg.max_iters or out_of_time:
-                self.evaluate_and_save()
-                if cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
+                last = run.evaluate(lr)
+                if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
                     reason = "early_stop"
                     break
-                if self.val_bpb <= cfg.target_val_bpb:
+                if reached_bpb(last) <= cfg.target_val_bpb:
                     reason = "target"
                     break
             if out_of_time:
                 reason = "max_minutes"
                 break
-        self.bar.close()
-        return self.finish(reason)
+    return finish(run, reason, last)
 
-    def finish(self, reason: str) -> dict[str, Any]:
-        state = self.state
-        summary = {"kind": "summary", "iter": state["iter_num"], "reason": reason, "best_val_loss": state["best_val_loss"],
-                   "best_val_bpb": bits_per_byte(state["best_val_loss"], self.meta["splits"]["val"]),
-                   "best_iter": state["best_iter"], "tokens_seen": state["tokens_seen"],
-                   "train_seconds": state["train_seconds"], "params": self.raw_model.num_params()}
-        if self.ema is not None:
-            summary.update(best_ema_val_bpb=bits_per_byte(state["best_ema_val_loss"], self.meta["splits"]["val"]),
-                           best_ema_iter=state["best_ema_iter"])
-        if self.compiled is not None and self.compiled.error:
-            summary["compile_error"] = self.compiled.error
-        if self.d.master:
-            self.metrics.write(summary)
-            print(f"stopped ({reason}) at step {state['iter_num']}: best val {state['best_val_loss']:.4f} "
-                  f"({summary['best_val_bpb']:.3f} bpb) at step {state['best_iter']}; checkpoints in {self.out_dir}")
-            if reason == "target":
-                print(f"reached val bpb {self.val_bpb:.3f}{self.val_bpb_of} <= {self.cfg.target_val_bpb:g} in {state['iter_num']:,} "
-                      f"steps ({state['tokens_seen']:,} tokens) and {state['train_seconds'] / 60:.1f} minutes of training steps")
-            if self.wandb:
-                self.wandb.finish()
-        return summary
+
+def finish(run: Run, reason: str, last: dict[str, Any]) -> dict[str, Any]:
+    """The summary: the last line of metrics.jsonl and of the console."""
+    state, val_split = run.state, run.meta["splits"]["val"]
+    summary = {"kind": "summary", "iter": state.iter_num, "reason": reason, "best_val_loss": state.best_val_loss,
+               "best_val_bpb": bits_per_byte(state.best_val_loss, val_split), "best_iter": state.best_iter,
+               "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
+               "params": run.raw_model.num_params()}
+    if run.ema is not None:
+        summary.update(best_ema_val_bpb=bits_per_byte(state.best_ema_val_loss, val_split),
+                       best_ema_iter=state.best_ema_iter)
+    if run.compiled is not None and run.compiled.error:
+        summary["compile_error"] = run.compiled.error
+    if run.d.master:
+        run.metrics.write(summary)
+        print(f"stopped ({reason}) at step {state.iter_num}: best val {state.best_val_loss:.4f} "
+              f"({summary['best_val_bpb']:.3f} bpb) at step {state.best_iter}; checkpoints in {run.out_dir}")
+        if reason == "target":
+            of = " (the weight average's: ema.pt)" if reached_bpb(last) < last["val_bpb"] else ""
+            print(f"reached val bpb {reached_bpb(last):.3f}{of} <= {run.cfg.target_val_bpb:g} in {state.iter_num:,} "
+                  f"steps ({state.tokens_seen:,} tokens) and {state.train_seconds / 60:.1f} minutes of training steps")
+        if run.metrics.wandb:
+            run.metrics.wandb.finish()
+    return summary
 
 
 def main(argv: list[str]) -> None:

@@ -64,6 +64,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     and nowhere else."""
     item = _item_type(tp)
     if item is not None:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return ()  # none given: the script decides (evaluate.py's --temperature=auto, the run's own)
         parts = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         return tuple(coerce(key, v, item) for v in (parts if isinstance(parts, (list, tuple)) else [parts]))
     bad = UserError(f"bad value for '{key}': {value!r} is not a valid {_type_name(tp)}")

@@ -1,7 +1,7 @@
-"""Optimisation: Muon, the AdamW parameter groups, the learning-rate and dropout schedules, the step that
-clips and updates every optimizer together (or none of them), and an average of the weights.
+"""Optimisation: its keys (OptimConfig), Muon, the AdamW parameter groups, the learning-rate and dropout schedules,
+the step that clips and updates every optimizer together (or none of them), and an average of the weights.
 
-    optimizers = make_optimizers(model, cfg, device)
+    optimizers = make_optimizers(model, cfg, device)   # cfg: an OptimConfig (a TrainConfig is one)
     stepped = optimizer_step(optimizers, scaler, params, grad_clip)
     ema = WeightAverage(model, 0.99); ema.update(); with ema.swapped_in(): ...
 """
@@ -11,11 +11,37 @@ import contextlib
 import functools
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 
 from bookgpt.common import native_bf16
+from bookgpt.config import opt
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser's and the schedules' keys: training.TrainConfig inherits them (after the model's)."""
+    optimizer: str = opt("muon", "muon (Muon for the hidden matrices, AdamW for the rest), or adamw")
+    learning_rate: float = opt(2e-3, "peak AdamW learning rate")
+    min_lr: float = opt(2e-4, "AdamW's learning rate at the end of the decay (Muon's ends at the same fraction)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
+    muon_lr: float = opt(0.02, "Muon learning rate (optimizer=muon)")
+    muon_momentum: float = opt(0.95, "Muon momentum")
+    muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
+    muon_wd_schedule: str = opt("lr", "lr: each step shrinks Muon's matrices by its current rate x muon_weight_decay, "
+                                      "fading as the rate decays; constant: by muon_lr x muon_weight_decay to the end")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
+    warmup_iters: int = opt(50, "linear warmup steps")
+    lr_decay_iters: int = opt(0, "steps until min_lr (0 = max_iters)")
+    decay_frac: float = opt(0.2, "wsd: share of the run spent decaying")
+    dropout_ramp: float = opt(0.0, "dropout rises over this share of the run in four stages, 0, 1/3, 2/3 and all of "
+                                   "`dropout` (0 = the same rate throughout; 1 = all of it in the last quarter)")
+
 
 # ----------------------------------------------------------------------------- Muon
 
@@ -92,9 +118,9 @@ class Muon(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------- optimizers and schedule
 
-def make_optimizers(model: torch.nn.Module, cfg: Any, device: str) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: str) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (not gains, biases); with optimizer=muon the
-    hidden matrices (not embeddings or head) go to Muon instead. `cfg` is a TrainConfig."""
+    hidden matrices (not embeddings or head) go to Muon instead."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # token and position tables (value embeddings too) and the head: AdamW, never Muon
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(model.lm_head.weight)}
@@ -111,7 +137,7 @@ def make_optimizers(model: torch.nn.Module, cfg: Any, device: str) -> list[torch
                          weight_decay=cfg.muon_weight_decay, decay_with_lr=cfg.muon_wd_schedule == "lr")]
 
 
-def lr_factor(cfg: Any, it: int, progress: float) -> float:
+def lr_factor(cfg: OptimConfig, it: int, progress: float) -> float:
     """Learning-rate multiplier in [min_lr/learning_rate, 1]: linear warmup, then cosine or
     warmup-stable-decay. `progress` in [0, 1] is how far through the budget the run is."""
     if it < cfg.warmup_iters:
@@ -126,17 +152,16 @@ def lr_factor(cfg: Any, it: int, progress: float) -> float:
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def dropout_at(cfg: Any, progress: float) -> float:
-    """The dropout rate `progress` (0 to 1) through the run: cfg.dropout throughout, or with
-    cfg.dropout_ramp > 0 rising over that share of the run in four equal stages, 0, 1/3, 2/3 and
-    all of cfg.dropout, which it keeps to the end (four rates, so a compiled model recompiles at
-    most three times)."""
-    if cfg.dropout_ramp <= 0:
-        return cfg.dropout
-    return cfg.dropout * min(math.floor(4 * max(progress, 0.0) / cfg.dropout_ramp), 3) / 3
+def dropout_at(dropout: float, ramp: float, progress: float) -> float:
+    """The dropout rate `progress` (0 to 1) through the run: `dropout` throughout, or with ramp > 0
+    (dropout_ramp) rising over that share of the run in four equal stages, 0, 1/3, 2/3 and all of
+    `dropout`, which it keeps to the end (four rates, so a compiled model recompiles at most three times)."""
+    if ramp <= 0:
+        return dropout
+    return dropout * min(math.floor(4 * max(progress, 0.0) / ramp), 3) / 3
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], cfg: Any, factor: float) -> None:
+def set_lr(optimizers: list[torch.optim.Optimizer], cfg: OptimConfig, factor: float) -> None:
     """Scale each optimizer's peak rate (AdamW's learning_rate, Muon's muon_lr) by `factor`."""
     for o in optimizers:
         base = cfg.muon_lr if isinstance(o, Muon) else cfg.learning_rate

@@ -1,23 +1,203 @@
-"""A sweep's results: one row per run read from its files (metrics.jsonl, sweep_run.json),
-written as results.csv, results.md (best first) and val_bpb.png; and the readers and formatters
-sweep.py shares with them.
+"""What a sweep is and what it found: the Run and Sweep it describes, read and checked from its TOML file
+(load_sweep) before anything runs, run names from the swept values; then one results row per run read from
+its files (metrics.jsonl, sweep_run.json), written as results.csv, results.md (best first) and val_bpb.png.
+sweep.py runs the sweep; docs/sweeps.md is the manual of both.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import re
 import shlex
+from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bookgpt.common import read_metrics
-from bookgpt.config import atomic_write_bytes
+from bookgpt.config import UserError, apply_overrides, atomic_write_bytes, load_toml, read_toml, to_flag, unknown_key
+from bookgpt.training import TrainConfig, validate
 
-if TYPE_CHECKING:
-    from sweep import Run, Sweep
+RESERVED = ("base", "fixed", "grid", "variants")
+SET_BY_SWEEP = ("out_dir", "init_from")  # every run gets its own out_dir; resume is decided per run
+# short names for run directories; a key not listed uses its own name, "" shows the value alone
+ABBREV = {"learning_rate": "lr", "min_lr": "minlr", "n_layer": "layer", "n_head": "head", "n_embd": "embd",
+          "block_size": "ctx", "batch_size": "bs", "gradient_accumulation_steps": "accum", "dropout": "drop",
+          "weight_decay": "wd", "max_iters": "iters", "warmup_iters": "warmup", "data_dir": ""}
+
+
+@dataclass
+class Run:
+    name: str
+    swept: dict[str, Any]  # swept key -> value as the sweep file gives it (variant name under "variant")
+    overrides: dict[str, Any]  # everything sweep.py passes to train.py as --key=value, typed
+    cfg: TrainConfig  # the full config the run trains with (validated)
+    variant: str = ""  # its variant's name, or a name made of the variant's values
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    base: list[str]
+    fixed: dict[str, Any]
+    cli: dict[str, Any]  # train.py keys from the command line, for every run
+    keys: list[str]  # swept keys, in column order
+    grid_keys: list[str] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    dir: Path = Path()
+
+
+# ----------------------------------------------------------------------------- the sweep file
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    """Type-check `values` against TrainConfig; errors name the place in the sweep file (or the command line)."""
+    try:
+        apply_overrides(TrainConfig(), values, where=f" in {where}")
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith("unknown") else f"{where}: {e}") from None
+    for k in SET_BY_SWEEP:
+        if k in values:
+            raise UserError(f"{where}: '{k}' is set by sweep.py (each run gets its own out_dir under the "
+                            f"sweep's folder and is resumed when interrupted); remove it")
+
+
+def run_name(parts: dict[str, Any]) -> str:
+    """A readable directory name from swept values: lr0.003_layer4, mlp-swiglu, war_and_peace_char."""
+    words = []
+    for k, v in parts.items():
+        if k == "variant":
+            words.append(str(v))
+            continue
+        abbr, text = ABBREV.get(k, k), _format_value(v)
+        sep = "-" if abbr and (isinstance(v, (str, bool)) or abbr[-1].isdigit()) else ""
+        words.append(f"{abbr}{sep}{text}")
+    name = re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(words)).strip("-.")
+    return name or "run"
+
+
+def read_shared(path: Path, data: dict[str, Any]) -> tuple[list[str], TrainConfig, dict[str, Any]]:
+    """What every run shares, once the top-level keys are checked: base (its config files, and the config they
+    give) and [fixed]."""
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in data:
+        if k in train_keys:
+            raise UserError(f"{path}: '{k}' is a train.py key; put it under [fixed] (or [grid]) in the sweep file")
+        if k not in RESERVED:
+            raise unknown_key(k, RESERVED, f" in sweep file {path} (its top-level keys are {', '.join(RESERVED)})")
+    base = data.get("base", [])
+    base = [base] if isinstance(base, str) else base
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        raise UserError(f"{path}: base must be a config file name or a list of them, e.g. base = [\"config/x.toml\"]")
+    cfg = TrainConfig()
+    for b in base:
+        cfg = apply_overrides(cfg, read_toml(b), where=f" in {b}")
+    fixed = data.get("fixed", {})
+    if not isinstance(fixed, dict):
+        raise UserError(f"{path}: fixed must be a table: [fixed] followed by key = value lines")
+    check_keys(fixed, f"[fixed] of {path}")
+    return base, cfg, fixed
+
+
+def read_grid(path: Path, data: dict[str, Any]) -> dict[str, list[Any]]:
+    """[grid]: each key a list of distinct values, each a valid value of the key."""
+    if "grid" not in data and "variants" not in data:
+        raise UserError(f"{path} has no [grid] and no [[variants]]: nothing to sweep")
+    grid = data.get("grid", {})
+    if not isinstance(grid, dict):
+        raise UserError(f"{path}: grid must be a table: [grid] followed by key = [values] lines")
+    if "grid" in data and not grid:
+        raise UserError(f"{path}: [grid] is empty; give it key = [value, ...] lines or remove it")
+    for k, values in grid.items():
+        if not isinstance(values, list):
+            raise UserError(f"{path}: [grid] {k} must be a list of values, e.g. {k} = [{values!r}]")
+        if not values:
+            raise UserError(f"{path}: [grid] {k} is an empty list; give it at least one value")
+        if len({json.dumps(v) for v in values}) < len(values):
+            raise UserError(f"{path}: [grid] {k} repeats a value: {values}")
+        for v in values:
+            check_keys({k: v}, f"[grid] of {path}")
+    return grid
+
+
+def read_variants(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """[[variants]]: tables of train.py keys, every one named or none ([{}] without any: the grid alone)."""
+    variants = data.get("variants", [{}])
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise UserError(f"{path}: variants must be [[variants]] tables, one per run")
+    named = [("name" in v) for v in variants]
+    if any(named) and not all(named):
+        raise UserError(f"{path}: give every [[variants]] table a name, or none of them")
+    for i, v in enumerate(variants, 1):
+        if "name" in v and (not isinstance(v["name"], str) or not v["name"].strip()):
+            raise UserError(f"{path}: [[variants]] number {i} has a bad name {v['name']!r}; use a short string")
+        check_keys({k: x for k, x in v.items() if k != "name"}, f"[[variants]] number {i} of {path}")
+    return variants
+
+
+def swept_keys(path: Path, grid: dict[str, Any], variants: list[dict[str, Any]], fixed: dict[str, Any],
+               cli_overrides: dict[str, Any]) -> list[str]:
+    """The swept keys, variants' first; a key may be swept in one place only, so no run depends on which wins."""
+    variant_keys = list(dict.fromkeys(k for v in variants for k in v if k != "name"))
+    for k in variant_keys:
+        if k in grid:
+            raise UserError(f"{path}: '{k}' is in both [grid] and [[variants]]; sweep it in one of them")
+    for k in [*variant_keys, *grid]:
+        if k in fixed:
+            raise UserError(f"{path}: '{k}' is both in [fixed] and swept; remove it from [fixed]")
+        if k in cli_overrides:
+            raise UserError(f"--{k} on the command line would override a swept key of {path}")
+    return (["variant"] if "name" in variants[0] else []) + variant_keys + list(grid)
+
+
+def make_run(sweep: Sweep, cfg0: TrainConfig, variant: dict[str, Any], point: dict[str, Any], label: str) -> Run:
+    """The run of one variant at one grid point, its full config validated."""
+    own = {k: v for k, v in variant.items() if k != "name"}
+    overrides = {**sweep.fixed, **own, **point, **sweep.cli, "out_dir": str(sweep.dir / label)}
+    try:
+        cfg = apply_overrides(cfg0, overrides, where=f" in {sweep.path}")
+        if cfg.wandb_log:  # a sweep's runs share a wandb group; each is named after its folder
+            cfg = dataclasses.replace(cfg, wandb_group=cfg.wandb_group or sweep.name,
+                                      wandb_run_name=cfg.wandb_run_name or f"{sweep.name}/{label}")
+            overrides |= {"wandb_group": cfg.wandb_group, "wandb_run_name": cfg.wandb_run_name}
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{sweep.path}: run {label}: {e}") from None
+    swept = ({"variant": variant["name"]} if "name" in variant else {}) | own | point
+    return Run(name=label, swept=swept, overrides={k: getattr(cfg, k) for k in overrides}, cfg=cfg,
+               variant=variant.get("name") or run_name(own) if variant else "")
+
+
+def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | Path) -> Sweep:
+    """Parse and validate a sweep file into its runs; every error a user can cause is a UserError,
+    raised before anything runs."""
+    path = Path(path)
+    data = load_toml(path, "sweep file")
+    base, cfg0, fixed = read_shared(path, data)
+    grid, variants = read_grid(path, data), read_variants(path, data)
+    sweep = Sweep(name=path.stem, path=path, base=base, fixed=fixed, cli=cli_overrides, grid_keys=list(grid),
+                  keys=swept_keys(path, grid, variants, fixed, cli_overrides), dir=Path(out_root) / path.stem)
+    seen: dict[str, int] = {}
+    for variant in variants:
+        for point in (dict(zip(grid, p)) for p in product(*grid.values())):
+            label = run_name(({"variant": variant["name"]} if "name" in variant else variant) | point)
+            if label in seen:
+                raise UserError(f"{path}: runs {seen[label] + 1} and {len(sweep.runs) + 1} would both be named "
+                                f"'{label}'; make the variants differ or give them different names")
+            seen[label] = len(sweep.runs)
+            sweep.runs.append(make_run(sweep, cfg0, variant, point, label))
+    return sweep
+
+
+# ----------------------------------------------------------------------------- results
 
 def finished_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The summary of a run that ended by itself (max_iters, max_minutes, early stop): not by a signal."""
@@ -45,10 +225,6 @@ def _format_value(v: Any) -> str:
     return str(v)
 
 
-def _format_arg(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v)
-
-
 COLUMNS = ["best_val_bpb", "best_ema_val_bpb", "best_val_loss", "best_iter", "iters", "params", "tokens_per_s", "wall_s",
            "status", "reason", "error", "out_dir"]
 STATUS_ORDER = {"finished": 0, "interrupted": 1, "timeout": 1, "failed": 2, "pending": 3}
@@ -58,9 +234,7 @@ def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
     """One results row from the run's files: its summary when finished, its eval lines otherwise."""
     records = read_metrics(run.out_dir / "metrics.jsonl")[0]
     rec = read_record(run.out_dir)
-    row: dict[str, Any] = {"run": run.name}
-    for k in sweep.keys:
-        row[k] = run.swept["variant"] if k == "variant" else getattr(run.cfg, k)
+    row = {"run": run.name} | {k: run.swept["variant"] if k == "variant" else getattr(run.cfg, k) for k in sweep.keys}
     summary = finished_summary(records)
     evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))]
     if summary:
@@ -113,6 +287,16 @@ def _duration(s: Any) -> str:
     return f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
+def describe(row: dict[str, Any]) -> str:
+    """A results row as the one line sweep.py prints after a run."""
+    head = f"{row['status']} in {_duration(row['wall_s'])}"
+    if row["status"] != "finished":
+        return f"{head}: {row['error']}"
+    tps = f", {row['tokens_per_s']:,.0f} tok/s" if row["tokens_per_s"] else ""
+    return (f"{head} ({row['reason']}): best val {row['best_val_bpb']:.4f} bpb (loss {row['best_val_loss']:.4f}) "
+            f"at step {row['best_iter']} of {row['iters']}{tps}")
+
+
 def _cell(v: Any, digits: int = 4) -> str:
     if v is None:
         return ""
@@ -130,7 +314,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> None
              f"{done} of {len(rows)} runs finished "
              f"(updated {datetime.now().isoformat(sep=' ', timespec='seconds')}).",
              f"Base: {', '.join(f'`{b}`' for b in sweep.base) or 'train.py defaults'}; fixed: "
-             + (", ".join(f"`{k}={_format_arg(v)}`" for k, v in sweep.fixed.items()) or "nothing")
+             + (", ".join(f"`{k}={to_flag(v)}`" for k, v in sweep.fixed.items()) or "nothing")
              + (f" (the command line overrides {', '.join(sweep.cli)})" if sweep.cli else "") + ".",
              "Sorted by best validation bits per byte (lower is better); tok/s counts training steps only.", ""]
     averaged = any(r["best_ema_val_bpb"] is not None for r in rows)  # runs with ema_decay: their average's best

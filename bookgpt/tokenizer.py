@@ -107,23 +107,21 @@ class Tokenizer:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _encoded(text: str, codec: str = "utf-8") -> bytes:
+    """`text` encoded, or a UserError for a lone surrogate (which no UTF encodes)."""
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError:
+        raise UserError("text is not valid Unicode (it contains a lone surrogate character)") from None
 
 
 def _utf32(text: str) -> np.ndarray:
     """Code points of `text` as uint32, without a Python loop over characters."""
-    try:
-        return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    except UnicodeEncodeError:
-        raise UserError("text is not valid Unicode (it contains a lone surrogate character)") from None
-
-
-def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError("text is not valid Unicode (it contains a lone surrogate character)") from None
+    return np.frombuffer(_encoded(text, "utf-32-le"), dtype=np.uint32)
 
 
 class CharTokenizer(Tokenizer):
@@ -170,7 +168,7 @@ class ByteTokenizer(Tokenizer):
     vocab_size = 256
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(_utf8(text), dtype=np.uint8).copy()
+        return np.frombuffer(_encoded(text), dtype=np.uint8).copy()
 
     def decode_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
         return self._ids(ids).astype(np.uint8).tobytes()
@@ -187,7 +185,7 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
-        _utf8(text)  # a clear error for lone surrogates instead of tiktoken's
+        _encoded(text)  # a clear error for lone surrogates instead of tiktoken's
         return self.enc.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -229,7 +227,7 @@ class BPETokenizer(TiktokenTokenizer):
         encode (tiktoken's Rust), meant for preparing data once."""
         if not 0.0 <= p <= 1.0:
             raise UserError(f"BPE dropout must be in [0, 1], got {p}")
-        _utf8(text)
+        _encoded(text)
         ids: list[int] = []
         for piece in regex.findall(self.pattern, text):
             parts = [bytes([b]) for b in piece.encode("utf-8")]
@@ -248,7 +246,7 @@ class BPETokenizer(TiktokenTokenizer):
 
     def to_meta(self) -> dict[str, Any]:
         return {"kind": "bpe", "ranks_file": BPE_RANKS_FILE, "pattern": self.pattern,
-                "ranks_sha256": _sha256(self.files()[BPE_RANKS_FILE])}
+                "ranks_sha256": sha256(self.files()[BPE_RANKS_FILE])}
 
 
 # ----------------------------------------------------------------------------- bpe
@@ -322,7 +320,7 @@ def gpt2_from_dir(gpt2_dir: str | Path) -> GPT2Tokenizer:
         if not p.is_file():
             raise UserError(f"GPT-2 tokenizer file not found: {p} (the folder needs vocab.bpe and encoder.json)")
         data = p.read_bytes()
-        if _sha256(data) != expected:
+        if sha256(data) != expected:
             raise UserError(f"GPT-2 tokenizer file {p} has the wrong sha256 (expected {expected[:12]}...): "
                             "it is corrupt or a different file; download it again")
         contents[name] = data
@@ -385,7 +383,7 @@ def tokenizer_from_meta(meta: dict[str, Any], data_dir: str | Path) -> Tokenizer
             if not ranks_path.is_file():
                 raise UserError(f"BPE ranks file {ranks_path} is missing; re-run prepare.py --tokenizer=bpe")
             data = ranks_path.read_bytes()
-            if "ranks_sha256" in spec and _sha256(data) != spec["ranks_sha256"]:
+            if "ranks_sha256" in spec and sha256(data) != spec["ranks_sha256"]:
                 raise UserError(f"BPE ranks file {ranks_path} does not match {where}; re-run prepare.py --tokenizer=bpe")
             tok = BPETokenizer(ranks_from_bytes(data, str(ranks_path)), spec["pattern"])
         else:

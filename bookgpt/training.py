@@ -1,12 +1,13 @@
-"""A training run's pieces that train.py's loop and the other scripts share: the run's config
-(TrainConfig: the model's keys, the optimiser's, then the run's), the config a command line means
-(resume included), the metrics file, the loss estimate, the random streams that resume restores,
-and one training step (train_step, which bench.py times too).
+"""A training run's pieces that train.py's loop and the other scripts share: the run's config (TrainConfig: the
+model's keys, the optimiser's, then the run's) and what a resume may change of it, where a run stands (RunState),
+the metrics file, the loss estimate, the random streams that resume restores, one training step (train_step,
+which bench.py times too), and the config a command line means (resume included).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -16,19 +17,27 @@ from typing import Any, Iterator
 import torch
 
 from bookgpt.batches import Batches, Loader
-from bookgpt.checkpoint import newest_run
+from bookgpt.checkpoint import checkpoint_path, newest_run
 from bookgpt.common import device_rng_state, read_metrics, set_device_rng_state
 from bookgpt.config import GPTConfig, UserError, atomic_write_bytes, opt, parse_config, split_argv
 from bookgpt.distill import Teacher, distill_loss
 from bookgpt.distributed import DDP, Dist
-from bookgpt.optim import optimizer_step
+from bookgpt.optim import OptimConfig, optimizer_step
+
+
+def recipe(key: str, default: Any) -> Any:  # a model key, with the recipe's default instead of GPTConfig's
+    return opt(default, GPTConfig.__dataclass_fields__[key].metadata["help"])
 
 
 @dataclass
-class TrainConfig(GPTConfig):
-    """The model's keys (model.GPTConfig, listed first by --help), then these. The defaults are the
-    recommended CPU recipe (config/wp_bpe_cpu.toml says so with its reasons) without its three
-    architecture levers, which are off by default because they depend on the depth."""
+class TrainConfig(OptimConfig, GPTConfig):
+    """The model's keys (GPTConfig), the optimiser's (optim.OptimConfig), then the run's, in that order in --help (a
+    dataclass takes its bases' fields last base first). The defaults are the recommended CPU recipe,
+    config/wp_bpe_cpu.toml (which gives its reasons): `python train.py` trains it."""
+    # the recipe's three architecture levers: off in GPTConfig, from which models of any depth are built
+    value_embeds: int = recipe("value_embeds", 3)
+    unet_skips: bool = recipe("unet_skips", True)
+    zero_init: bool = recipe("zero_init", True)
     # where things are
     out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
@@ -39,31 +48,12 @@ class TrainConfig(GPTConfig):
     # batches
     batch_size: int = opt(32, "sequences per micro-batch per process")
     gradient_accumulation_steps: int = opt(1, "micro-batches per step, summed over all processes")
-    # optimiser
-    optimizer: str = opt("muon", "muon (Muon for the hidden matrices, AdamW for the rest), or adamw")
-    learning_rate: float = opt(2e-3, "peak AdamW learning rate")
-    min_lr: float = opt(2e-4, "AdamW's learning rate at the end of the decay (Muon's ends at the same fraction)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.99, "AdamW beta2")
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)")
-    muon_lr: float = opt(0.02, "Muon learning rate (optimizer=muon)")
-    muon_momentum: float = opt(0.95, "Muon momentum")
-    muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
-    muon_wd_schedule: str = opt("lr", "lr: each step shrinks Muon's matrices by its current rate x muon_weight_decay, "
-                                      "fading as the rate decays; constant: by muon_lr x muon_weight_decay to the end")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    # a weight average; distillation: learn from trained runs' predictions as well as from the text
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
                                 "0.99); each eval scores it on val and saves it as ema.pt when it improves (0 = off)")
-    # distillation: learn from trained runs' predictions as well as from the text
     distill_from: tuple[str, ...] = opt((), "teacher runs (out_dirs; their best.pt); none = off")
     distill_weight: float = opt(0.5, "share of the loss that is cross-entropy against the teachers' mean distribution")
-    # schedule and budget
-    lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
-    warmup_iters: int = opt(50, "linear warmup steps")
-    lr_decay_iters: int = opt(0, "steps until min_lr (0 = max_iters)")
-    decay_frac: float = opt(0.2, "wsd: share of the run spent decaying")
-    dropout_ramp: float = opt(0.0, "dropout rises over this share of the run in four stages, 0, 1/3, 2/3 and all of "
-                                   "`dropout` (0 = the same rate throughout; 1 = all of it in the last quarter)")
+    # budget
     max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
     max_minutes: float = opt(0.0, "stop after this much training time; the LR schedule follows it too (0 = off)")
     early_stop_patience: int = opt(5, "stop when val has not improved for this many evals (0 = off)")
@@ -86,14 +76,20 @@ class TrainConfig(GPTConfig):
     seed: int = opt(1337, "seed for weights, batches and dropout")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
 
-
     def __post_init__(self) -> None:
         pass  # built key by key from files and flags: validate() checks the whole once it is complete
 
 
+# What a resumed run's command line may change: budgets, intervals, logging, the device, and the keys
+# that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
+MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
+                        "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "target_val_bpb", "wandb_log",
+                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "deterministic",
+                        "threads", "overwrite", *(f.name for f in fields(GPTConfig))}
+
+
 CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"),
-           "muon_wd_schedule": ("lr", "constant"),
-           "train_split": ("train", "train_dropout"),
+           "muon_wd_schedule": ("lr", "constant"), "train_split": ("train", "train_dropout"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
@@ -124,12 +120,26 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
 
 
+@dataclass
+class RunState:
+    """Where a run stands: what resume restores besides weights, optimizers and random streams (checkpoint keys)."""
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int = -1
+    evals_since_best: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_ema_val_loss: float = math.inf  # the weight average's (ema_decay)
+    best_ema_iter: int = -1
+
+
 class Metrics:
-    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint's step are
-    dropped, so the file always describes the run that the checkpoint continues."""
+    """metrics.jsonl: one JSON object per line, train and eval records mirrored to wandb when it is on.
+    On resume, lines past the checkpoint's step are dropped, so the file always describes the run that
+    the checkpoint continues."""
 
     def __init__(self, path: Path, resume_iter: int | None) -> None:
-        self.path = path
+        self.path, self.wandb = path, None  # train.py starts wandb, when it is on, once the run's files are written
         if resume_iter is None:
             atomic_write_bytes(path, b"")
         elif path.exists():
@@ -142,9 +152,14 @@ class Metrics:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None and record["kind"] in ("train", "eval"):
+            self.wandb.log({f"{record['kind']}/{k}": v for k, v in record.items() if k != "kind"}, step=record["iter"])
 
 
-def check_writable(out_dir: Path) -> None:
+def prepare_out_dir(out_dir: Path, scratch: bool) -> None:
+    """Make out_dir and prove it writable. Drop the temp files (.ckpt.pt.XXXX.tmp, see config.atomic_open) a kill -9
+    during an atomic write leaves beside the intact old file, of this run's own files only (another tool may be
+    writing its own files in out_dir right now); and, for a scratch run, the weight average of the run it replaces."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_test_{os.getpid()}"
@@ -152,18 +167,11 @@ def check_writable(out_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to out_dir {out_dir}: {e.strerror or e}; choose another --out_dir") from None
-
-
-RUN_FILES = ("ckpt.pt", "best.pt", "ema.pt", "metrics.jsonl", "config.json", "meta.json")
-
-
-def remove_stale_temps(out_dir: Path) -> None:
-    """A kill -9 during an atomic write leaves its temp file (.ckpt.pt.XXXX.tmp, see config.atomic_open)
-    beside the intact old file; drop such leftovers of this run's own files (only those: another
-    tool may be writing its own files in out_dir right now)."""
-    for name in RUN_FILES:
+    for name in ("ckpt.pt", "best.pt", "ema.pt", "metrics.jsonl", "config.json", "meta.json"):
         for tmp in out_dir.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+    if scratch:
+        checkpoint_path(out_dir, "ema").unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -237,19 +245,10 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
 
 # ----------------------------------------------------------------------------- the config a command line means
 
-# What a resumed run's command line may change: budgets, intervals, logging, the device, and the keys
-# that checkpoint.check_resumable compares with the checkpoint itself (the model, optimizer, data).
-MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_iters", "max_minutes", "lr_decay_iters",
-                        "eval_interval", "eval_iters", "log_interval", "early_stop_patience", "target_val_bpb", "wandb_log",
-                        "wandb_project", "wandb_run_name", "wandb_group", "device", "dtype", "compile", "deterministic",
-                        "threads", "overwrite", *(f.name for f in fields(GPTConfig))}
-
-
 def load_config(argv: list[str]) -> TrainConfig:
-    """The config a command line means, as parse_config reads it; with --init_from=resume, on top of the
-    run's own config.json: `--init_from=resume --out_dir=RUN` resumes with nothing else, and a flag
-    that would change the run itself (its learning rate, batches, seed, ...) is refused rather than
-    silently mixed into it."""
+    """The config a command line means, as parse_config reads it; with --init_from=resume, on top of the run's own
+    config.json: `--init_from=resume --out_dir=RUN` resumes with nothing else, and a flag that would change the
+    run itself (its learning rate, batches, seed, ...) is refused rather than silently mixed into it."""
     files, overrides = split_argv(argv)
     if overrides.get("init_from") == "resume":
         out_dir = overrides.get("out_dir") or (parse_config(TrainConfig, files).out_dir if files else "")

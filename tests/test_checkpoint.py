@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from bookgpt.checkpoint import check_resumable, data_difference, load_checkpoint, save_checkpoint, unwrap
+from bookgpt.checkpoint import check_resumable, data_difference, load_checkpoint, load_run, save_checkpoint, unwrap
 from bookgpt.common import CompiledWithFallback
 from bookgpt.config import UserError, parse_config
 from conftest import load_model, tiny_train_args
@@ -61,3 +62,24 @@ def test_one_same_data_check_for_resume_distillation_and_evaluation() -> None:
                                         r"\(split fractions .*\); pass the run's --data_dir"):
         check_resumable(ckpt, GPTConfig(vocab_size=94), {**meta, "fractions": {"val": 0.2, "test": 0.0}}, Path("ckpt.pt"))
     check_resumable(ckpt, GPTConfig(vocab_size=94), meta, Path("ckpt.pt"))
+
+
+def test_a_run_folder_saved_before_the_package_layout_still_samples_and_evaluates(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """tests/fixtures/run_before_package was written by train.py when every module stood at the top level."""
+    import shutil
+
+    import evaluate
+    import sample
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_before_package", run)
+    expected = json.loads((run / "expected.json").read_text())
+    ckpt, info = load_run(run, "latest")
+    assert info["iter_num"] == 6 and ckpt["version"] == 1
+    sample.main([f"--out_dir={run}", f"--prompt={expected['prompt']}", "--num_samples=1", "--max_new_tokens=40",
+                 "--temperature=1", "--seed=1", "--device=cpu", "--dtype=float32"])
+    assert capsys.readouterr().out == f"---------- sample 1 of 1\n{expected['sample_seed1_t1']}\n"  # as sampled then
+    ev = evaluate.main([f"--out_dir={run}", f"--data_dir={run / 'data'}", "--num_prompts=0", "--baselines=false",
+                        "--device=cpu", "--dtype=float32"])
+    assert 4.5 < ev["likelihood"]["bpb"] < 5.5 and (run / "eval.json").is_file()

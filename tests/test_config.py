@@ -99,6 +99,11 @@ def test_presets_parse_and_build() -> None:
         GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 104})  # the model's own checks
 
 
+def test_python_train_py_alone_trains_the_cpu_preset() -> None:
+    """The defaults are config/wp_bpe_cpu.toml's recipe, its three architecture levers included."""
+    assert config_dict(TrainConfig()) == config_dict(parse_config(TrainConfig, [str(ROOT / "config/wp_bpe_cpu.toml")]))
+
+
 def test_make_demo_prepares_what_its_preset_trains_and_samples_where_the_scripts_look() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]

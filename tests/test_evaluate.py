@@ -16,12 +16,12 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate as E
-from bookgpt.eval import report
+from bookgpt.eval import likelihood as L, report
+from bookgpt.eval.textstats import against_caps, choose_temperature
 from bookgpt.config import UserError, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
-from bookgpt.common import bits_per_byte, read_metrics, records_of
-from bookgpt.tokenizer import load_tokenizer
+from bookgpt.common import bits_per_byte, likelihood_figures, read_metrics, records_of
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_windows_score_every_target_once_with_enough_context(n: int, block: int, data: st.DataObject) -> None:
     stride = data.draw(st.integers(1, block))
     scored = []
-    for k, (start, end, n_scored) in enumerate(E.strided_windows(n, block, stride)):
+    for k, (start, end, n_scored) in enumerate(L.strided_windows(n, block, stride)):
         assert 0 <= start < end <= n - 1 and end - start <= block and 1 <= n_scored <= end - start
         for j in range(end - n_scored + 1, end + 1):  # target j is predicted from tokens[start:j]
             scored.append(j)
@@ -56,10 +56,10 @@ def tiny_gpt(vocab: int = 11, block: int = 16, seed: int = 0) -> GPT:
 def test_strided_equals_naive_per_window(n: int, stride: int, batch: int) -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(n).integers(0, 11, size=n)
-    total, count = E.strided_nll(model, tokens, block, stride, batch_size=batch)
+    total, count = L.strided_nll(model, tokens, block, stride, batch_size=batch)
     naive, naive_count = 0.0, 0
     with torch.no_grad():
-        for start, end, n_scored in E.strided_windows(n, block, stride):  # one window at a time
+        for start, end, n_scored in L.strided_windows(n, block, stride):  # one window at a time
             logits, _ = model(torch.tensor(tokens[None, start:end]))
             target = torch.tensor(tokens[end - n_scored + 1:end + 1])
             naive += F.cross_entropy(logits[0, -n_scored:], target, reduction="sum").item()
@@ -72,11 +72,11 @@ def test_strided_equals_naive_per_window(n: int, stride: int, batch: int) -> Non
 def test_per_token_nll_is_the_same_pass_token_by_token(n: int, stride: int, batch: int) -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(n).integers(0, 11, size=n)
-    per_token = E.strided_token_nll(model, tokens, block, stride, batch_size=batch)
-    assert per_token.shape == (n - 1,) and per_token.sum() == pytest.approx(E.strided_nll(model, tokens, block, stride)[0],
+    per_token = L.strided_token_nll(model, tokens, block, stride, batch_size=batch)
+    assert per_token.shape == (n - 1,) and per_token.sum() == pytest.approx(L.strided_nll(model, tokens, block, stride)[0],
                                                                             rel=1e-5)
     with torch.no_grad():  # token j's nll, from the window that scores it
-        for start, end, n_scored in E.strided_windows(n, block, stride):
+        for start, end, n_scored in L.strided_windows(n, block, stride):
             logits, _ = model(torch.tensor(tokens[None, start:end]))
             target = torch.tensor(tokens[end - n_scored + 1:end + 1])
             expected = F.cross_entropy(logits[0, -n_scored:], target, reduction="none").numpy()
@@ -86,20 +86,20 @@ def test_per_token_nll_is_the_same_pass_token_by_token(n: int, stride: int, batc
 def test_stride_one_is_full_context_and_context_matters() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(1).integers(0, 11, size=60)
-    total, _ = E.strided_nll(model, tokens, block, stride=1)
+    total, _ = L.strided_nll(model, tokens, block, stride=1)
     with torch.no_grad():  # each target predicted from the block_size tokens before it (fewer at the start)
         per_token = sum(F.cross_entropy(model(torch.tensor(tokens[None, max(0, j - block):j]))[0][0, -1:],
                                         torch.tensor(tokens[j:j + 1])).item() for j in range(1, 60))
     assert total == pytest.approx(per_token, rel=1e-5)
-    chunks, _ = E.strided_nll(model, tokens, block, stride=block)  # disjoint blocks: less context
+    chunks, _ = L.strided_nll(model, tokens, block, stride=block)  # disjoint blocks: less context
     assert chunks != pytest.approx(total, rel=1e-6)
 
 
 def test_bf16_autocast_is_close_to_float32() -> None:
     model = tiny_gpt()
     tokens = np.random.default_rng(2).integers(0, 11, size=200)
-    exact, n = E.strided_nll(model, tokens, 16, 8, dtype="float32")
-    fast, _ = E.strided_nll(model, tokens, 16, 8, dtype="bfloat16")
+    exact, n = L.strided_nll(model, tokens, 16, 8, dtype="float32")
+    fast, _ = L.strided_nll(model, tokens, 16, 8, dtype="bfloat16")
     assert abs(fast - exact) / n < 0.05
 
 
@@ -109,7 +109,7 @@ def test_bits_per_byte_on_a_hand_made_example() -> None:
     text = "Pé’s!"
     assert (len(text), len(text.encode("utf-8"))) == (5, 8)
     total_nats, n_tokens = 6.0, 4
-    f = E.likelihood_figures(total_nats, n_tokens, n_bytes=8, n_chars=5)
+    f = likelihood_figures(total_nats, n_tokens, n_bytes=8, n_chars=5)
     assert f["loss"] == pytest.approx(1.5)
     assert f["bpb"] == pytest.approx(1.5 * 4 / 8 / math.log(2))  # nats/token x tokens/bytes / ln 2
     assert f["bpb"] == pytest.approx(6.0 / math.log(2) / 8)      # = total bits / bytes
@@ -132,8 +132,8 @@ class Uniform(torch.nn.Module):
 @pytest.mark.parametrize("vocab", [2, 104, 256])
 def test_uniform_model_gets_log2_vocab_bits_per_token(vocab: int) -> None:
     tokens = np.random.default_rng(0).integers(0, vocab, size=500)
-    total, n = E.strided_nll(Uniform(vocab), tokens, block_size=32, stride=7, batch_size=5)
-    f = E.likelihood_figures(total, n, n_bytes=n, n_chars=n)
+    total, n = L.strided_nll(Uniform(vocab), tokens, block_size=32, stride=7, batch_size=5)
+    f = likelihood_figures(total, n, n_bytes=n, n_chars=n)
     assert n == 499
     assert f["bits_per_token"] == pytest.approx(math.log2(vocab), rel=1e-6)
     assert f["ppl"] == pytest.approx(vocab, rel=1e-5)
@@ -141,8 +141,8 @@ def test_uniform_model_gets_log2_vocab_bits_per_token(vocab: int) -> None:
 
 def test_prompts_are_spread_start_at_words_and_are_reproducible(book_text: str) -> None:
     text = book_text[:100_000]
-    starts = E.pick_prompts(text, 8, 200, 500, seed=3)
-    assert starts == E.pick_prompts(text, 8, 200, 500, seed=3) != E.pick_prompts(text, 8, 200, 500, seed=4)
+    starts = L.pick_prompts(text, 8, 200, 500, seed=3)
+    assert starts == L.pick_prompts(text, 8, 200, 500, seed=3) != L.pick_prompts(text, 8, 200, 500, seed=4)
     stretch = len(text) // 8
     for i, s in enumerate(starts):
         assert i * stretch <= s <= (i + 1) * stretch - 700
@@ -158,7 +158,7 @@ def test_overfitting_summary_and_metrics_reader(tmp_path: Path) -> None:
     records, skipped = read_metrics(path)
     train_rows, evals = records_of(records, "train"), records_of(records, "eval")
     assert len(train_rows) == 1 and len(evals) == 5 and skipped == 1
-    s = E.overfitting_summary(evals)
+    s = report.overfitting_summary(evals)
     assert (s["best_iter"], s["best_val_loss"], s["evals_after_best"], s["last_iter"]) == (200, 1.9, 2, 400)
     assert s["val_rise_after_best"] == pytest.approx(0.3) and s["gap_at_last"] == pytest.approx(1.2)
     assert report.plot_curves(train_rows, evals, s).startswith(b"\x89PNG")
@@ -168,44 +168,44 @@ def test_dynamic_evaluation_scores_before_it_learns() -> None:
     model, block = tiny_gpt(), 16
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = np.random.default_rng(3).integers(0, 11, size=100)
-    static, n = E.strided_nll(model, tokens, block, 8)
-    per_token = E.dynamic_token_nll(model, tokens, block, 8, lr=0.0)
+    static, n = L.strided_nll(model, tokens, block, 8)
+    per_token = L.dynamic_token_nll(model, tokens, block, 8, lr=0.0)
     assert len(per_token) == n and per_token.sum() == pytest.approx(static, rel=1e-5)
-    np.testing.assert_allclose(per_token, E.strided_token_nll(model, tokens, block, 8), rtol=1e-5)
+    np.testing.assert_allclose(per_token, L.strided_token_nll(model, tokens, block, 8), rtol=1e-5)
     # one window: its tokens are scored before the only SGD step, so any learning rate gives the static score
     one = tokens[:block + 1]
-    assert E.dynamic_token_nll(model, one, block, 8, lr=10.0).sum() == pytest.approx(E.strided_nll(model, one, block, 8)[0],
+    assert L.dynamic_token_nll(model, one, block, 8, lr=10.0).sum() == pytest.approx(L.strided_nll(model, one, block, 8)[0],
                                                                            rel=1e-5)
-    assert E.dynamic_token_nll(model, tokens, block, 8, lr=0.5).sum() != pytest.approx(static, rel=1e-3)
+    assert L.dynamic_token_nll(model, tokens, block, 8, lr=0.5).sum() != pytest.approx(static, rel=1e-3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # it worked on a copy
 
 
 def test_dynamic_evaluation_adapts_to_the_text_it_reads() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.tile(np.random.default_rng(4).integers(0, 11, size=7), 40)  # one phrase, over and over
-    static, n = E.strided_nll(model, tokens, block, 8)
-    dynamic = E.dynamic_token_nll(model, tokens, block, 8, lr=0.3).sum()
+    static, n = L.strided_nll(model, tokens, block, 8)
+    dynamic = L.dynamic_token_nll(model, tokens, block, 8, lr=0.3).sum()
     assert dynamic < 0.6 * static  # (here about half)
     # pulled all the way back to the trained weights after every step, it keeps only the last step's learning
-    pulled = E.dynamic_token_nll(model, tokens, block, 8, lr=0.3, decay=1.0).sum()
+    pulled = L.dynamic_token_nll(model, tokens, block, 8, lr=0.3, decay=1.0).sum()
     assert dynamic < pulled < static
 
 
 def test_krause_steps_divide_by_the_training_gradients_rms() -> None:
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(6).integers(0, 11, size=120)
-    rms = E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)
+    rms = L.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)
     assert [r.shape for r in rms] == [p.shape for p in model.parameters()] and all((r >= 0).all() for r in rms)
-    assert all(torch.equal(a, b) for a, b in zip(rms, E.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)))
+    assert all(torch.equal(a, b) for a, b in zip(rms, L.train_gradient_rms(model, tokens, block, batches=4, batch_size=2)))
     ones = [torch.full_like(r, 1 / 1.1) for r in rms]  # an RMS of 1/1.1 everywhere (plus its floor, 0.1/1.1) is SGD
-    assert E.dynamic_token_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones).sum() == \
-        pytest.approx(E.dynamic_token_nll(model, tokens, block, 8, lr=0.2).sum(), rel=1e-5)
+    assert L.dynamic_token_nll(model, tokens, block, 8, lr=0.2, grad_rms=ones).sum() == \
+        pytest.approx(L.dynamic_token_nll(model, tokens, block, 8, lr=0.2).sum(), rel=1e-5)
     # a weight the training batches never moved (rms 0) takes a bounded step, not an infinite one
     zeros = [torch.zeros_like(r) for r in rms]
-    assert math.isfinite(E.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=zeros).sum())
-    assert E.likelihood_figures(1e6, 10, 10, 10)["ppl"] == math.inf  # a diverged pass is reported, not a crash
-    assert E.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1).sum() != \
-        pytest.approx(E.strided_nll(model, tokens, block, 8)[0], rel=1e-4)
+    assert math.isfinite(L.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=zeros).sum())
+    assert likelihood_figures(1e6, 10, 10, 10)["ppl"] == math.inf  # a diverged pass is reported, not a crash
+    assert L.dynamic_token_nll(model, tokens, block, 8, lr=1e-3, grad_rms=rms, decay=0.1).sum() != \
+        pytest.approx(L.strided_nll(model, tokens, block, 8)[0], rel=1e-4)
 
 
 class Ops(TorchDispatchMode):
@@ -230,11 +230,11 @@ def test_likelihood_needs_no_float64_on_the_device_and_waits_for_it_once() -> No
     model, block = tiny_gpt(), 16
     tokens = np.random.default_rng(5).integers(0, 11, size=90)
     with Ops() as ops:
-        total, _ = E.strided_nll(model, tokens, block, 5, batch_size=3)
+        total, _ = L.strided_nll(model, tokens, block, 5, batch_size=3)
     assert torch.float64 not in ops.dtypes and not ops.reads
-    assert total == pytest.approx(E.strided_nll(model, tokens, block, 5, batch_size=64)[0], rel=1e-6)
+    assert total == pytest.approx(L.strided_nll(model, tokens, block, 5, batch_size=64)[0], rel=1e-6)
     with Ops() as ops:
-        E.dynamic_token_nll(model, tokens, block, 8, lr=0.1)
+        L.dynamic_token_nll(model, tokens, block, 8, lr=0.1)
     assert torch.float64 not in ops.dtypes
 
 
@@ -286,6 +286,8 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     assert "| measure | test | val |" in report and "**test** is the headline" in report
     for png in ("loss_curves.png", "bpb_baselines.png"):
         assert f"]({png})" in report and (run / png).read_bytes().startswith(b"\x89PNG")
+    from bookgpt.eval.report import Evaluation, output_names, render  # report.md: from eval.json's record alone
+    assert render(Evaluation(**saved), output_names("best")) == report
     assert (data / "baselines_val.json").is_file() and (data / "baselines_test.json").is_file()
     # a second run reads the cached baselines and gets the same figures
     again = E.main(args + ["--num_prompts=0"])
@@ -401,26 +403,24 @@ def test_dynamic_evaluation_end_to_end(tiny_eval_run: tuple[Path, Path], capsys:
 def test_temperature_choice_keeps_the_highest_within_both_caps() -> None:
     t = lambda temperature, copy, misspell: {"temperature": temperature, "copy_ratio": copy, "misspell_ratio": misspell}
     trials = [t(0.6, 1.9, 0.9), t(0.7, 0.6, 1.5), t(0.8, 0.2, 2.3), t(0.9, 0.1, 3.3)]
-    assert E.choose_temperature(trials)["temperature"] == 0.7  # 0.6 is within too, but colder
-    assert E.choose_temperature([t(0.7, 3.0, 1.0), t(0.8, 0.5, 2.1)])["temperature"] == 0.8  # none within: 2.1/1.5 < 3/2
-    assert E.choose_temperature([t(0.7, 4.1, 1.0), t(0.8, 0.5, 2.9)])["temperature"] == 0.8  # 2.9/1.5 < 4.1/2
+    assert choose_temperature(trials)["temperature"] == 0.7  # 0.6 is within too, but colder
+    assert choose_temperature([t(0.7, 3.0, 1.0), t(0.8, 0.5, 2.1)])["temperature"] == 0.8  # none within: 2.1/1.5 < 3/2
+    assert choose_temperature([t(0.7, 4.1, 1.0), t(0.8, 0.5, 2.9)])["temperature"] == 0.8  # 2.9/1.5 < 4.1/2
     mem = lambda g, r: {"generated": {"char30_share": g}, "reference": {"char30_share": r}}
     style = lambda g, r: {"generated": {"unknown_word_share": g}, "reference": {"unknown_word_share": r}}
-    assert E.against_caps(mem(0.002, 0.001), style(0.03, 0.02)) == pytest.approx({"copy_ratio": 2.0, "misspell_ratio": 1.5})
-    assert E.against_caps(mem(0.0, 0.0), style(0.01, 0.0)) == {"copy_ratio": 1.0, "misspell_ratio": math.inf}
+    assert against_caps(mem(0.002, 0.001), style(0.03, 0.02)) == pytest.approx({"copy_ratio": 2.0, "misspell_ratio": 1.5})
+    assert against_caps(mem(0.0, 0.0), style(0.01, 0.0)) == {"copy_ratio": 1.0, "misspell_ratio": math.inf}
 
 
 def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: tuple[Path, Path],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from bookgpt import sampling as sample
-    run, data = tiny_eval_run
-    tok = load_tokenizer(data)
-    split_text = {s: tok.decode(np.fromfile(data / f"{s}.bin", dtype=np.uint8)[:100]) for s in ("val", "test")}
+    run, _ = tiny_eval_run
     seen = []  # (split, temperature) of each batch of continuations
     real = E.continue_prompts
-    def spy(cfg, model, tokenizer, text, *args):
-        seen.append((next(s for s, t in split_text.items() if text.startswith(t)), args[1]))
-        return real(cfg, model, tokenizer, text, *args)
+    def spy(ctx, name, temperature):
+        seen.append((name, temperature))
+        return real(ctx, name, temperature)
     monkeypatch.setattr(E, "continue_prompts", spy)
     args = [f"--out_dir={run}", "--num_prompts=3", "--gen_tokens=60", "--prompt_chars=50", "--baselines=false",
             "--dtype=float32"]
@@ -429,7 +429,7 @@ def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: t
         sampling = ev["sampling"]
         trials = sampling["trials"]
         assert [t["temperature"] for t in trials] == [0.3, 1.6] and sampling["source"] == "chosen on val"
-        assert sampling["temperature"] == E.choose_temperature(trials)["temperature"]
+        assert sampling["temperature"] == choose_temperature(trials)["temperature"]
         assert seen == [("val", 0.3), ("val", 1.6), ("test", sampling["temperature"])]  # chosen on val, shown on test
         saved = json.loads((run / "sampling.json").read_text(encoding="utf-8"))
         assert saved["temperature"] == sampling["temperature"] and saved["chosen_on"] == "val"
@@ -468,12 +468,23 @@ def test_data_with_other_splits_is_refused(tiny_eval_run: tuple[Path, Path], tmp
         E.main([f"--out_dir={run}", f"--data_dir={other}", "--num_prompts=0", "--baselines=false"])
 
 
-@pytest.mark.parametrize("arg, says", [("--dynamic_lr=fast", "use rates such as"), ("--split=train", "use val or test"),
+def test_list_options_are_typed_from_the_command_line_and_toml(tmp_path: Path) -> None:
+    cfg = parse_config(E.EvalConfig, ["--temperature=0.6,0.65,0.7", "--dynamic_lr=0,1e-5,3e-5", "--mix_ngram=2, 3",
+                                      "--ensemble=out/a,out/b,"])
+    assert (cfg.temperature, cfg.dynamic_lr, cfg.mix_ngram, cfg.ensemble) == \
+        ((0.6, 0.65, 0.7), (0.0, 1e-5, 3e-5), (2, 3), ("out/a", "out/b"))
+    assert parse_config(E.EvalConfig, ["--temperature=auto"]).temperature == () == E.EvalConfig().temperature
+    (tmp_path / "eval.toml").write_text("temperature = [0.7, 1]\ndynamic_decay = 0.02\n", encoding="utf-8")
+    toml = parse_config(E.EvalConfig, [str(tmp_path / "eval.toml")])
+    assert (toml.temperature, toml.dynamic_decay) == ((0.7, 1.0), (0.02,))
+
+
+@pytest.mark.parametrize("arg, says", [("--dynamic_lr=fast", "bad value for 'dynamic_lr'"), ("--split=train", "use val or test"),
                                        ("--stride=1000", "larger than the model's block_size"),
                                        ("--dynamic_lr=-1", "dynamic_lr must be >= 0"),
                                        ("--dynamic_decay=x", "bad value for 'dynamic_decay'"),
                                        ("--dynamic_method=adam", "use sgd or rms"),
-                                       ("--mix_ngram=x", "use n-gram orders such as"),
+                                       ("--mix_ngram=x", "bad value for 'mix_ngram'"),
                                        ("--mix_ngram=12", r"orders must be 1..\d+ for a vocabulary of"),
                                        ("--temperature=hot,cold", "bad value for 'temperature'"),
                                        ("--temperature=0.7,0.9", "choosing a temperature needs prompts"),

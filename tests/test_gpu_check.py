@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bookgpt.checkpoint import load_checkpoint
-from bookgpt.config import UserError
+from bookgpt.config import UserError, parse_config
 import gpu_check as G
 from gpu_check import CHECKS, compare_losses, main, stderr_tail
 from prepare import clean_text, decode_text
@@ -185,9 +185,10 @@ def test_the_book_is_found_where_the_tests_find_it(tmp_path: Path, monkeypatch: 
 
 
 def test_parts_name_their_checks() -> None:
-    assert G.chosen_checks("") == list(CHECKS)
-    assert G.chosen_checks("train") == ["environment", "prepare", "train_bf16", "train_fp16"]
-    assert G.chosen_checks("bench, sample") == ["environment", "prepare", "bench_2x4090", "bench_best_gpu", "sample"]
+    assert G.chosen_checks(()) == list(CHECKS)
+    assert G.chosen_checks(("train",)) == ["environment", "prepare", "train_bf16", "train_fp16"]
+    assert G.chosen_checks(("bench", "sample")) == ["environment", "prepare", "bench_2x4090", "bench_best_gpu", "sample"]
+    assert parse_config(G.CheckConfig, ["--checks=bench, sample"]).checks == ("bench", "sample")  # config.coerce
     assert sorted(c for part in G.PARTS.values() for c in part) == sorted(set(CHECKS) - set(G.ALWAYS))
 
 

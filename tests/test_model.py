@@ -1,13 +1,17 @@
-"""model.py: shapes, the loss at init, KV-cache equivalence, architecture options, accounting."""
+"""model.py and bookgpt/kernels.py: shapes, the loss at init, KV-cache equivalence, architecture options,
+accounting, the CPU kernels and their switch, and a checkpoint saved before the kernels moved."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, Linear, apply_rope, drop_path, dropout, explicit_causal_attention, rope_tables, sample_next
+from bookgpt.kernels import Linear, dropout, explicit_causal_attention
+from model import GPT, GPTConfig, apply_rope, rope_tables, sample_next
 
 GPT2 = dict(pos_emb="learned", norm="layernorm", qk_norm=False, mlp="gelu")  # GPT-2's block
 VARIANTS = {
@@ -20,10 +24,10 @@ VARIANTS = {
 }
 
 
-def tiny(**kw) -> GPT:
+def tiny(cpu_kernels: bool = True, **kw) -> GPT:
     torch.manual_seed(0)
     cfg = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=32)
-    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+    return GPT(GPTConfig(**{**cfg, **kw}), cpu_kernels=cpu_kernels).eval()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -260,7 +264,7 @@ def test_explicit_attention_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
-    """model.dropout's CPU mask (four 16-bit uniforms per 64-bit draw) behaves as F.dropout's."""
+    """kernels.dropout's CPU mask (four 16-bit uniforms per 64-bit draw) behaves as F.dropout's."""
     x = torch.ones(200_000, requires_grad=True)
     torch.manual_seed(5)
     y = dropout(x, 0.2)
@@ -277,9 +281,10 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
 
 
 def test_drop_path_drops_whole_sequences_and_keeps_the_expectation() -> None:
+    block = tiny(n_layer=2, drop_path=0.25).blocks[1].train()
     x = torch.ones(20_000, 3, 4, requires_grad=True)
     torch.manual_seed(2)
-    y = drop_path(x, 0.25)
+    y = block.drop_branch(x)
     per_seq = y.detach().flatten(1)
     kept = per_seq[:, 0] != 0
     assert torch.equal(per_seq[kept], torch.full_like(per_seq[kept], 4 / 3))  # a kept sequence: every value scaled
@@ -287,7 +292,8 @@ def test_drop_path_drops_whole_sequences_and_keeps_the_expectation() -> None:
     assert kept.float().mean().item() == pytest.approx(0.75, abs=0.01)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())
-    assert torch.equal(drop_path(x, 0.25, training=False), x) and torch.equal(drop_path(x, 0.0), x)
+    assert torch.equal(block.eval().drop_branch(x), x)
+    assert tiny(n_layer=2, drop_path=0.25).blocks[0].train().drop_branch(x) is x  # the first block: rate 0
 
 
 def test_stochastic_depth_rises_with_depth_and_is_off_in_eval_mode() -> None:
@@ -306,9 +312,12 @@ def test_stochastic_depth_rises_with_depth_and_is_off_in_eval_mode() -> None:
 
 
 def test_set_dropout_changes_every_rate_in_training_and_none_in_eval() -> None:
+    deep = tiny(n_layer=2, dropout=0.2, drop_path=0.1)
+    deep.set_dropout(0.0)
+    assert [b.path_mask.p for b in deep.blocks] == [0.0, 0.1]  # stochastic depth keeps its own rate
     model = tiny(n_layer=2, dropout=0.2)
     model.set_dropout(0.0)
-    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "path_mask" not in name]
     assert len(rates) == 5 and set(rates) == {0.0}  # embedding, and each block's attention and MLP outputs
     assert {b.attn.dropout for b in model.blocks} == {0.0}  # the attention weights'
     assert model.config.dropout == 0.2  # the config keeps the rate the model was built with
@@ -369,3 +378,48 @@ def test_queries_and_keys_meet_the_values_dtype_before_attention() -> None:
         last = attn(x[:, 5:], None, cache)
     assert full.dtype == torch.bfloat16
     assert torch.allclose(torch.cat((first, last), 1).float(), full.float(), atol=2e-2)
+
+
+def test_the_switch_off_gives_the_textbook_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT(config, cpu_kernels=False): torch's nn.Linear and nn.Dropout, attention through SDPA even for bf16 on a
+    CPU, no kernel called; the same parameters as with the kernels, so the same function in float32."""
+    from bookgpt import kernels
+    kw = dict(dropout=0.1, drop_path=0.2, bias=True)
+    plain, fast = tiny(cpu_kernels=False, **kw), tiny(**kw)
+    assert {type(m) for m in plain.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Dropout))} == {
+        torch.nn.Linear, torch.nn.Dropout}
+    assert {type(m) for m in fast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Dropout))} == {
+        kernels.Linear, kernels.Dropout}
+    assert {b.attn.cpu_attention for b in plain.blocks} == {None}
+    assert {b.attn.cpu_attention for b in fast.blocks} == {kernels.explicit_causal_attention}
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values()))
+    idx, targets = torch.randint(0, 37, (2, 3, 16))
+    torch.testing.assert_close(plain(idx)[0], fast(idx)[0], rtol=0, atol=0)
+    with plain.sampling_weights():
+        assert not any(hasattr(m, "weight_t") for m in plain.modules())  # no sampling layout either
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    for name in ("dropout", "explicit_causal_attention"):
+        monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("the textbook model called a CPU kernel"))
+    plain.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = plain(idx, targets)
+    loss.backward()
+    assert len(sdpa_calls) == 2 and torch.isfinite(loss)  # one SDPA call per block
+
+
+def test_a_checkpoint_saved_before_the_kernels_moved_gives_the_same_logits_and_sample() -> None:
+    """tests/fixtures/run_before_package/best.pt, with the logits and the sample its code gave (expected.json)."""
+    from bookgpt.checkpoint import load_run
+    run = Path(__file__).parent / "fixtures" / "run_before_package"
+    expected = json.loads((run / "expected.json").read_text())
+    ckpt, info = load_run(run, "best")
+    model, tok = GPT.from_checkpoint(ckpt, info["path"]), info["tokenizer"]
+    idx = torch.tensor(tok.encode(expected["prompt"]))[None]
+    with torch.no_grad():
+        logits = model(idx)[0][0, -1]
+    torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), rtol=0, atol=1e-4)
+    out = model.generate(idx, 40, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert tok.decode(out[0].tolist()) == expected["sample_seed1_t1"]

@@ -6,29 +6,27 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from bookgpt.optim import Muon, WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr, zeropower_via_newtonschulz5
-from train import TrainConfig
+from bookgpt.optim import (Muon, OptimConfig, WeightAverage, dropout_at, lr_factor, make_optimizers, optimizer_step, set_lr,
+                           zeropower_via_newtonschulz5)
 
 
 def test_lr_schedules() -> None:
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_schedule="cosine")
+    cfg = OptimConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_schedule="cosine")
     assert lr_factor(cfg, 0, 0.0) == pytest.approx(1 / 11)
     assert lr_factor(cfg, 10, 0.0) == pytest.approx(1.0)
     assert lr_factor(cfg, 50, 0.5) == pytest.approx(0.55)
     assert lr_factor(cfg, 99, 1.0) == pytest.approx(0.1)
-    wsd = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=0, lr_schedule="wsd", decay_frac=0.2)
+    wsd = OptimConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=0, lr_schedule="wsd", decay_frac=0.2)
     assert lr_factor(wsd, 5, 0.79) == 1.0
     assert lr_factor(wsd, 5, 0.9) == pytest.approx(0.55)
     assert lr_factor(wsd, 5, 1.0) == pytest.approx(0.1)
 
 
 def test_dropout_schedule_rises_in_four_stages_then_holds() -> None:
-    assert dropout_at(TrainConfig(dropout=0.3), 0.0) == 0.3  # no ramp: the same rate throughout
-    whole = TrainConfig(dropout=0.3, dropout_ramp=1.0)
-    assert [dropout_at(whole, p) for p in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == pytest.approx(
+    assert dropout_at(0.3, 0.0, 0.0) == 0.3  # no ramp: the same rate throughout
+    assert [dropout_at(0.3, 1.0, p) for p in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == pytest.approx(
         [0.0, 0.0, 0.1, 0.2, 0.2, 0.3, 0.3])
-    half = TrainConfig(dropout=0.3, dropout_ramp=0.5)
-    assert [dropout_at(half, p) for p in (0.1, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([0.0, 0.1, 0.3, 0.3, 0.3])
+    assert [dropout_at(0.3, 0.5, p) for p in (0.1, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([0.0, 0.1, 0.3, 0.3, 0.3])
 
 
 def test_newton_schulz_orthogonalises() -> None:
@@ -68,7 +66,7 @@ def test_muon_weight_decay_follows_the_rate_or_stays_constant() -> None:
     """With a zero gradient the update is zero, so a step is the shrink alone: at a tenth of the peak
     rate, the lr schedule shrinks by 0.1 * 0.2 * 0.5 = 1%, the constant one by 0.2 * 0.5 = 10%."""
     w0 = torch.randn(16, 8)
-    cfg = TrainConfig(muon_lr=0.2, muon_weight_decay=0.5)
+    cfg = OptimConfig(muon_lr=0.2, muon_weight_decay=0.5)
     for schedule, shrink in (("lr", 0.01), ("constant", 0.1)):
         cfg.muon_wd_schedule = schedule
         model = torch.nn.Module()
@@ -131,7 +129,7 @@ def test_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizer(grad_cl
     inf, so every gradient was scaled by 0 or NaN, and Muon, whose own gradients were finite (its
     found_inf 0), stepped with them. Now no weight may change, and the scale must drop."""
     model = tiny_model()
-    cfg = TrainConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.02)
+    cfg = OptimConfig(optimizer="muon", learning_rate=1e-2, muon_lr=0.02)
     optimizers = make_optimizers(model, cfg, "cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randint(11, (2, 8))
@@ -153,7 +151,7 @@ def test_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizer(grad_cl
 def test_tables_go_to_adamw_and_hidden_matrices_to_muon() -> None:
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, value_embeds=1,
                           unet_skips=True))
-    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")
+    adamw, muon = make_optimizers(model, OptimConfig(optimizer="muon"), "cpu")
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     decayed, plain = ({id(p) for p in g["params"]} for g in adamw.param_groups)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -181,7 +179,7 @@ def test_clipping_without_a_scaler_bounds_the_global_norm() -> None:
 
 def test_set_lr_scales_each_optimizers_own_peak() -> None:
     model = tiny_model()
-    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    cfg = OptimConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
     adamw, muon = make_optimizers(model, cfg, "cpu")
     set_lr([adamw, muon], cfg, 0.5)
     assert {g["lr"] for g in adamw.param_groups} == {5e-4} and {g["lr"] for g in muon.param_groups} == {0.01}
@@ -226,7 +224,7 @@ def test_muon_orthogonalises_each_shape_once_per_step() -> None:
             return func(*args, **(kwargs or {}))
 
     model = GPT(GPTConfig(vocab_size=32, n_layer=4, n_head=2, n_embd=16, block_size=8))
-    muon = make_optimizers(model, TrainConfig(optimizer="muon"), "cpu")[1]
+    muon = make_optimizers(model, OptimConfig(optimizer="muon"), "cpu")[1]
     matrices = [p for g in muon.param_groups for p in g["params"]]
     shapes = {p.shape for p in matrices}
     assert (len(matrices), len(shapes)) == (16, 4)  # c_attn, attention's c_proj, c_fc, the MLP's c_proj: x 4 blocks

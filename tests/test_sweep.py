@@ -58,7 +58,8 @@ def write_sweep(path: Path, base: list[Path] | None = None, fixed: dict | None =
 @pytest.fixture
 def base_toml(tmp_path: Path) -> Path:
     p = tmp_path / "base.toml"
-    p.write_text('n_layer = 3\nn_head = 2\nn_embd = 32\nlearning_rate = 5e-4\nmax_iters = 100\n', encoding="utf-8")
+    p.write_text('n_layer = 3\nn_head = 2\nn_embd = 32\nvalue_embeds = 0\nunet_skips = false\nzero_init = false\n'
+                 'learning_rate = 5e-4\nmax_iters = 100\n', encoding="utf-8")
     return p
 
 
@@ -67,7 +68,7 @@ def base_toml(tmp_path: Path) -> Path:
 def test_grid_is_the_full_product_in_order_with_readable_names(tmp_path: Path, base_toml: Path) -> None:
     f = write_sweep(tmp_path / "lr_layers.toml", [base_toml], fixed={"max_iters": 7},
                     grid={"learning_rate": [1e-3, 3e-3], "n_layer": [2, 4]})
-    sw = S.load_sweep(f, {}, tmp_path / "out")
+    sw = R.load_sweep(f, {}, tmp_path / "out")
     assert [r.name for r in sw.runs] == ["lr0.001_layer2", "lr0.001_layer4", "lr0.003_layer2", "lr0.003_layer4"]
     assert sw.keys == ["learning_rate", "n_layer"]
     r = sw.runs[2]
@@ -79,7 +80,7 @@ def test_grid_is_the_full_product_in_order_with_readable_names(tmp_path: Path, b
 def test_variants_combine_with_the_grid(tmp_path: Path, base_toml: Path) -> None:
     f = write_sweep(tmp_path / "s.toml", [base_toml], grid={"learning_rate": [1e-3, 2e-3]},
                     variants=[{"name": "small", "n_layer": 2, "n_embd": 16}, {"name": "big", "n_layer": 6}])
-    sw = S.load_sweep(f, {"max_iters": "9"}, tmp_path / "out")
+    sw = R.load_sweep(f, {"max_iters": "9"}, tmp_path / "out")
     assert [r.name for r in sw.runs] == ["small_lr0.001", "small_lr0.002", "big_lr0.001", "big_lr0.002"]
     assert sw.keys == ["variant", "n_layer", "n_embd", "learning_rate"]
     big = sw.runs[3]
@@ -89,17 +90,32 @@ def test_variants_combine_with_the_grid(tmp_path: Path, base_toml: Path) -> None
 
 def test_runs_share_a_wandb_group_when_logging(tmp_path: Path) -> None:
     f = write_sweep(tmp_path / "wb.toml", fixed={"wandb_log": True}, grid={"seed": [1, 2]})
-    runs = S.load_sweep(f, {}, tmp_path).runs
+    runs = R.load_sweep(f, {}, tmp_path).runs
     assert [(r.cfg.wandb_group, r.cfg.wandb_run_name) for r in runs] == [("wb", "wb/seed1"), ("wb", "wb/seed2")]
     assert "--wandb_group=wb" in S.command(runs[0], S.SweepOptions(), [], resume=False)
-    quiet = S.load_sweep(write_sweep(tmp_path / "q.toml", grid={"seed": [1]}), {}, tmp_path).runs[0]
+    quiet = R.load_sweep(write_sweep(tmp_path / "q.toml", grid={"seed": [1]}), {}, tmp_path).runs[0]
     assert quiet.cfg.wandb_group == "" and "wandb_group" not in quiet.overrides
+
+
+def test_a_list_option_reaches_train_py_comma_separated_and_resumes(tmp_path: Path) -> None:
+    from bookgpt.config import config_dict, parse_config
+    from bookgpt.training import TrainConfig
+    f = write_sweep(tmp_path / "d.toml", fixed={"distill_from": "out/a,out/b", "distill_weight": 0.5},
+                    grid={"seed": [1]})
+    run = R.load_sweep(f, {}, tmp_path).runs[0]
+    cmd = S.command(run, S.SweepOptions(), [], resume=False)
+    assert "--distill_from=out/a,out/b" in cmd
+    assert parse_config(TrainConfig, cmd[2:]).distill_from == ("out/a", "out/b")  # train.py reads it back
+    # config.json (JSON) holds the tuple as a list: the same config, so the run resumes rather than refusing
+    run.out_dir.mkdir(parents=True)
+    (run.out_dir / "config.json").write_text(json.dumps(config_dict(run.cfg)), encoding="utf-8")
+    assert S.config_changes(run) == []
 
 
 def test_plot_axes_are_the_variant_and_the_grid_keys(tmp_path: Path, base_toml: Path) -> None:
     f = write_sweep(tmp_path / "s.toml", [base_toml], grid={"learning_rate": [1e-3, 2e-3], "seed": [1]},
                     variants=[{"n_layer": 2, "n_embd": 16}, {"n_layer": 6}])
-    sw = S.load_sweep(f, {}, tmp_path)
+    sw = R.load_sweep(f, {}, tmp_path)
     assert [r.variant for r in sw.runs] == ["layer2_embd16", "layer2_embd16", "layer6", "layer6"]
     rows = [{"run": r.name, "status": "finished", "best_val_bpb": 2.0 + i, **r.swept} for i, r in enumerate(sw.runs)]
     rows[3]["status"] = "failed"
@@ -111,20 +127,20 @@ def test_plot_axes_are_the_variant_and_the_grid_keys(tmp_path: Path, base_toml: 
 def test_unnamed_variants_are_named_by_their_values(tmp_path: Path) -> None:
     f = write_sweep(tmp_path / "t.toml", variants=[{"data_dir": "data/war_and_peace_char", "block_size": 256},
                                                     {"data_dir": "data/war_and_peace_bpe4096", "mlp": "swiglu"}])
-    sw = S.load_sweep(f, {}, tmp_path)
+    sw = R.load_sweep(f, {}, tmp_path)
     assert [r.name for r in sw.runs] == ["war_and_peace_char_ctx256", "war_and_peace_bpe4096_mlp-swiglu"]
-    assert S.run_name({"learning_rate": 3e-4, "bias": False, "n_head": 8, "seed": 2}) == "lr0.0003_bias-false_head8_seed2"
+    assert R.run_name({"learning_rate": 3e-4, "bias": False, "n_head": 8, "seed": 2}) == "lr0.0003_bias-false_head8_seed2"
 
 
 def test_shipped_sweeps_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(ROOT)  # their base paths are relative to the repository
-    lr = S.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
+    lr = R.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
     assert len(lr.runs) == 6 and lr.runs[0].name == "small_muon_lr0.01" and lr.runs[0].cfg.max_minutes == 5.0
-    tok = S.load_sweep(ROOT / "config/sweeps/tokenizers.toml", {}, tmp_path)
+    tok = R.load_sweep(ROOT / "config/sweeps/tokenizers.toml", {}, tmp_path)
     assert [r.cfg.data_dir for r in tok.runs] == ["data/war_and_peace_char", "data/war_and_peace_byte",
                                                   "data/war_and_peace_bpe1024", "data/war_and_peace_bpe4096"]
     for path in sorted((ROOT / "config/sweeps").glob("*.toml")):  # every shipped sweep: each run's config is valid
-        runs = S.load_sweep(path, {}, tmp_path).runs
+        runs = R.load_sweep(path, {}, tmp_path).runs
         assert runs, path
         for r in runs:  # and its data is where prepare.py writes it by default
             assert "--out_dir" not in S.prepare_hint(r.cfg.data_dir), (path, r.cfg.data_dir)
@@ -346,6 +362,6 @@ def test_train_and_sweep_never_read_the_test_split(tiny_char_data: Path, tmp_pat
 
 def test_the_shipped_lr_sweep_sweeps_the_rate_its_optimizer_uses(tmp_path: Path) -> None:
     """The CPU preset trains its hidden matrices with Muon: AdamW's learning_rate barely matters there."""
-    sw = S.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
+    sw = R.load_sweep(ROOT / "config/sweeps/lr_size.toml", {}, tmp_path)
     assert {r.cfg.optimizer for r in sw.runs} == {"muon"} and "muon_lr" in sw.keys and "learning_rate" not in sw.keys
     assert sorted({r.cfg.muon_lr for r in sw.runs}) == [0.01, 0.02, 0.04]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from bookgpt.config import UserError, config_dict, parse_config
 from conftest import tiny_train_args
 from model import GPT, GPTConfig
 from bookgpt.optim import make_optimizers
-from bookgpt.distill import Teacher, distill_loss
+from bookgpt.distill import distill_loss
 from train import TrainConfig, load_teacher, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,17 @@ def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
     assert straight == split  # bit-identical losses, step for step
     a, b = load_checkpoint(tmp_path / "straight" / "ckpt.pt"), load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_run_saved_before_the_package_layout_resumes_exactly(tmp_path: Path) -> None:
+    """tests/fixtures/run_before_package: 6 steps saved by the code before bookgpt/ and RunState (the same
+    checkpoint keys); resumed to step 8, it gives the losses that code gave, to the last digit."""
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_before_package", run)
+    train_mod.main(["--init_from=resume", f"--out_dir={run}", f"--data_dir={run / 'data'}", "--max_iters=8"])
+    expected = json.loads((run / "expected.json").read_text())["resumed_train_losses"]
+    assert {str(r["iter"]): r["loss"] for r in records(run, "train") if r["iter"] > 6} == expected
+    assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 8
 
 
 def test_weight_average_is_scored_saved_and_resumed_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
@@ -343,20 +355,19 @@ def test_torchrun_two_processes_gloo(tiny_char_data: Path, tmp_path: Path) -> No
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
 
 
-# Two processes read their pending training losses as Trainer.read_losses does; only rank 1's are bad.
+# Two processes read their pending training losses as Run.read_losses does; only rank 1's are bad.
 NAN_DRIVER = r'''
 import os, sys, types
 sys.path.insert(0, os.getcwd())
 import torch
 from bookgpt.config import UserError
 from bookgpt.distributed import setup_distributed
-from train import Trainer
+from train import Run
 d = setup_distributed("cpu")
 losses = [torch.tensor(3.0), torch.tensor(float("nan") if d.rank == 1 else 2.5), torch.tensor(2.0)]
-trainer = types.SimpleNamespace(d=d, pending=list(zip((1, 2, 3), losses)), out_dir="out/run",
-                                bar=types.SimpleNamespace(close=lambda: None))
+run = types.SimpleNamespace(d=d, pending=list(zip((1, 2, 3), losses)), out_dir="out/run")
 try:
-    said = f"read {Trainer.read_losses(trainer)}"
+    said = f"read {Run.read_losses(run)}"
 except UserError as e:
     said = f"stopped: {e}"
 open(os.path.join(os.environ["RECORD_DIR"], f"rank{d.rank}.txt"), "w").write(said)
@@ -476,13 +487,13 @@ def test_cuda_gloo_lets_more_processes_than_gpus_share_them(monkeypatch: pytest.
 def test_deterministic_kernels_are_on_for_the_run_only(tiny_char_data: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    real_run = train_mod.Trainer.run
+    real_loop = train_mod.loop
 
-    def run(self):
+    def loop(*a):
         seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
-        return real_run(self)
+        return real_loop(*a)
 
-    monkeypatch.setattr(train_mod.Trainer, "run", run)
+    monkeypatch.setattr(train_mod, "loop", loop)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the teardown removes what the run sets
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     for out, flag in ((tmp_path / "a", "true"), (tmp_path / "b", "false")):
@@ -512,7 +523,7 @@ def test_a_training_step_never_waits_for_the_device(tiny_char_data: Path, optimi
     """On a GPU each host read (loss.item(), a stop flag) leaves the GPU idle while the host catches
     up; train.py reads losses at log steps only. Under fp16 GradScaler reads its overflow flag, by design."""
     cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradient_accumulation_steps=2,
-                      optimizer=optimizer, dropout=0.1)
+                      optimizer=optimizer, dropout=0.1, value_embeds=0, unet_skips=False, zero_init=False)
     model = GPT(GPTConfig.from_dict({**config_dict(cfg), "vocab_size": 200}))
     optimizers = make_optimizers(model, cfg, "cpu")
     meta = json.loads((tiny_char_data / "meta.json").read_text())
@@ -586,8 +597,8 @@ def test_defaults_chain_train_resume_and_sample_and_protect_a_trained_run(book_t
     `--init_from=resume` alone continues it with its own config, and a second scratch run into it is refused."""
     src = tmp_path / "book.txt"
     src.write_text(book_text[:150_000], encoding="utf-8")
-    small = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-             "--threads=1", "--eval_interval=4"]  # seconds on a CPU; everything else is the defaults
+    small = ["--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--threads=1",
+             "--eval_interval=4"]  # seconds on a CPU; everything else is the defaults (the preset's 6 layers, levers on)
 
     def script(name: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=tmp_path, capture_output=True,

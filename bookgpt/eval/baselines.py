@@ -196,6 +196,7 @@ def cached_baselines(data_dir: Path, split: str, train: bytes, heldout: bytes, m
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
+            log(f"  read from {path}")
             return cached["results"], True
     except (OSError, ValueError, AttributeError):
         pass  # missing or unreadable: compute again

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from bookgpt.common import likelihood_figures
-from bookgpt.config import UserError
-from bookgpt.eval.baselines import kn_levels, kn_probs, max_order
+from bookgpt.eval.baselines import kn_levels, kn_probs
 
 
 def mixture_weights(p: np.ndarray, steps: int = 1000) -> np.ndarray:
@@ -39,55 +38,46 @@ def figures(scored: dict, name: str, p: np.ndarray) -> dict[str, float]:
     return likelihood_figures(-math.fsum(np.log(p)), len(p), lk["bytes"], lk["chars"])
 
 
-def parse_orders(text: str, vocab_size: int = 256) -> list[int]:
-    """mix_ngram's comma-separated n-gram orders (0 = off), each within what the vocabulary allows."""
-    try:
-        orders = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad value for 'mix_ngram': {text!r}; use n-gram orders such as 3 or 2,3,4 (0 = off)") from None
-    if any(o < 0 or o > max_order(vocab_size) for o in orders):
-        raise UserError(f"mix_ngram orders must be 1..{max_order(vocab_size)} for a vocabulary of {vocab_size} "
-                        f"(the n-grams are packed into 64 bits), got {text}")
-    return [o for o in orders if o > 0]
+class NgramMixture:
+    """Per-token nll mixed token by token with a modified Kneser-Ney n-gram over the same tokens, fitted on train:
+    p = w p_model + (1 - w) p_ngram. Each order's weight is fitted on val; the order with the best val bpb is
+    scored on the headline split with that weight, and the n-gram alone beside it. The n-gram's probabilities
+    per (order, split) are computed once, so a second mixture (dynamic evaluation's, an ensemble's) reuses them."""
 
+    def __init__(self, orders: Sequence[int], train_tokens: np.ndarray, tokens: dict[str, np.ndarray], vocab_size: int,
+                 timings: dict[str, float], log: Callable[[str], None]) -> None:
+        self.orders, self.train_tokens, self.tokens, self.vocab_size = orders, train_tokens, tokens, vocab_size
+        self.timings, self.log, self.probs = timings, log, {}
 
-def ngram_mixture(orders: list[int], token_nll: dict[str, np.ndarray], tokens: dict[str, np.ndarray],
-                  train_tokens: np.ndarray, vocab_size: int, scored: dict, split: str, timings: dict[str, float],
-                  log: Callable[[str], None], of: str = "the model",
-                  cache: dict[tuple[int, str], np.ndarray] | None = None) -> dict[str, Any]:
-    """Per-token nll (`token_nll`, by split) mixed token by token with a modified Kneser-Ney n-gram over the
-    same tokens, fitted on train: p = w p_model + (1 - w) p_ngram. Each order's weight is fitted on val; the
-    order with the best val bpb is scored on `split` with that weight, and the n-gram alone beside it. The
-    n-gram's probabilities per (order, split) are kept in `cache`, so a second mixture reuses them."""
-    if not orders:
-        return {}
-    p_model = {name: np.exp(-nll) for name, nll in token_nll.items()}
-    cache = {} if cache is None else cache
-
-    def ngram_probs(order: int, name: str) -> np.ndarray:
-        if (order, name) not in cache:
+    def ngram_probs(self, order: int, name: str) -> np.ndarray:
+        if (order, name) not in self.probs:
             t0 = time.perf_counter()
-            cache[order, name] = kn_probs(kn_levels(train_tokens, order, modified=True, vocab_size=vocab_size),
-                                          tokens[name])[1:]
-            timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
-        return cache[order, name]
+            levels = kn_levels(self.train_tokens, order, modified=True, vocab_size=self.vocab_size)
+            self.probs[order, name] = kn_probs(levels, self.tokens[name])[1:]
+            self.timings[f"n-gram of order {order} on {name}"] = time.perf_counter() - t0
+        return self.probs[order, name]
 
-    on_val = {}
-    for order in orders:
-        p_ngram = ngram_probs(order, "val")
-        w = float(mixture_weights(np.stack([p_model["val"], p_ngram]))[0])
-        on_val[order] = {"weight": w, "bpb": figures(scored, "val", w * p_model["val"] + (1 - w) * p_ngram)["bpb"],
-                         "ngram_bpb": figures(scored, "val", p_ngram)["bpb"]}
-        log(f"{of} mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} bpb "
-            f"(the n-gram alone {on_val[order]['ngram_bpb']:.4f})")
-    order = min(on_val, key=lambda o: on_val[o]["bpb"])
-    w = on_val[order]["weight"]
-    p_ngram = ngram_probs(order, split)  # (for --split=val, the val figures once more)
-    out = figures(scored, split, w * p_model[split] + (1 - w) * p_ngram)
-    ngram_alone = figures(scored, split, p_ngram)["bpb"]
-    log(f"  on {split}: {out['bpb']:.4f} bpb (the {order}-gram alone {ngram_alone:.4f})")
-    return {**out, "order": order, "weight": w, "ngram_bpb": ngram_alone, "chosen_on": "val",
-            "val_bpb_by_order": {str(o): r["bpb"] for o, r in on_val.items()}}
+    def __call__(self, token_nll: dict[str, np.ndarray], scored: dict, split: str, of: str = "the model") -> dict[str, Any]:
+        """The mixture of `token_nll` (by split) on `split`, with its order and weight and every order's val bpb."""
+        if not self.orders:
+            return {}
+        p_model = {name: np.exp(-nll) for name, nll in token_nll.items()}
+        on_val = {}
+        for order in self.orders:
+            p_ngram = self.ngram_probs(order, "val")
+            w = float(mixture_weights(np.stack([p_model["val"], p_ngram]))[0])
+            on_val[order] = {"weight": w, "bpb": figures(scored, "val", w * p_model["val"] + (1 - w) * p_ngram)["bpb"],
+                             "ngram_bpb": figures(scored, "val", p_ngram)["bpb"]}
+            self.log(f"{of} mixed with a {order}-gram over tokens on val: weight {w:.3f}, {on_val[order]['bpb']:.4f} "
+                     f"bpb (the n-gram alone {on_val[order]['ngram_bpb']:.4f})")
+        order = min(on_val, key=lambda o: on_val[o]["bpb"])
+        w = on_val[order]["weight"]
+        p_ngram = self.ngram_probs(order, split)  # (for --split=val, the val figures once more)
+        out = figures(scored, split, w * p_model[split] + (1 - w) * p_ngram)
+        ngram_alone = figures(scored, split, p_ngram)["bpb"]
+        self.log(f"  on {split}: {out['bpb']:.4f} bpb (the {order}-gram alone {ngram_alone:.4f})")
+        return {**out, "order": order, "weight": w, "ngram_bpb": ngram_alone, "chosen_on": "val",
+                "val_bpb_by_order": {str(o): r["bpb"] for o, r in on_val.items()}}
 
 
 def ensemble(runs: list[str], token_nll: list[dict[str, np.ndarray]], scored: dict, split: str,

@@ -1,15 +1,37 @@
-"""What evaluate.py writes and prints from its figures: the plots (training curves, bpb against the
-baselines), report.md, and the summary on the terminal. Every figure comes in `ev`, eval.json's dict.
+"""What evaluate.py writes and prints from its figures: eval.json (an Evaluation), and rendered from it alone the
+plots (training curves, bpb against the baselines), report.md and the summary on the terminal.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bookgpt.config import atomic_write_bytes
+from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json
 from bookgpt.eval.baselines import baseline_label
 from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, NAMES
+
+
+@dataclass
+class Evaluation:
+    """eval.json, one field per key in the file's order: each key is named here, filled by keyword in evaluate.py
+    (a key it lacks is an error there, not a gap here) and read back, Evaluation(**json), to render the rest."""
+    run: dict[str, Any]              # the checkpoint: its folder, file, step, parameters
+    data: dict[str, Any]             # the data folder, the headline split and its size
+    settings: dict[str, Any]         # EvalConfig's values, and the stride, context, device and dtype used
+    likelihood: dict[str, float]     # the headline split's full pass (likelihood_figures)
+    dynamic: dict[str, Any]          # dynamic evaluation ({} = off), and its n-gram mixture
+    mixture: dict[str, Any]          # the model mixed with an n-gram ({} = off)
+    ensemble: dict[str, Any]         # the model mixed with other runs ({} = off), and its n-gram mixture
+    baselines: dict[str, dict]       # the headline split's ({} = off)
+    splits: dict[str, dict]          # each scored split's likelihood and baselines, the headline first
+    sampling: dict[str, Any]         # the generation checks' temperature, where it came from, the caps' ratios
+    memorisation: dict[str, Any]     # of the generated and the real continuations
+    style: dict[str, Any]            # of the generated and the real continuations and the book, and themes
+    curves: dict[str, Any]           # overfitting_summary of metrics.jsonl
+    samples: list[dict[str, str]]    # each prompt, its generated and its real continuation
+    timings: dict[str, float]        # seconds per stage
 
 
 def _png(fig: Any) -> bytes:
@@ -18,11 +40,22 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def overfitting_summary(evals: list[dict]) -> dict[str, Any]:
+    """Where val stopped improving and how far it and the train/val gap moved afterwards."""
+    if not evals:
+        return {"evals": 0}
+    best = min(evals, key=lambda r: r["val_loss"])
+    last = evals[-1]
+    return {"evals": len(evals), "best_iter": best["iter"], "best_val_loss": best["val_loss"],
+            "best_val_bpb": best.get("val_bpb"), "last_iter": last["iter"], "last_val_loss": last["val_loss"],
+            "evals_after_best": sum(r["iter"] > best["iter"] for r in evals),
+            "val_rise_after_best": last["val_loss"] - best["val_loss"],
+            "gap_at_best": best["val_loss"] - best["train_loss"], "gap_at_last": last["val_loss"] - last["train_loss"]}
+
+
 def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -> bytes:
     """Loss against step: train (per log line and per eval) and val, best val marked."""
-    from matplotlib.figure import (
-        Figure,  # the OO API: no pyplot, no global backend state
-    )
+    from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend state
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
@@ -69,12 +102,11 @@ def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def split_note(ev: dict[str, Any]) -> str:
-    if ev["data"]["split"] == "test":
-        return ("**test** is the headline: no choice (checkpoint, early stop, recipe, sampling setting) has read it; "
-                "val chose them, so its figure is the selected model's own score.")
-    return ("On **val**, the split that chose the checkpoint (and, for the shipped recipes, the recipe): the "
-            "selected model's own score, not an unbiased estimate.")
+SPLIT_NOTES = {  # what the headline split's figure is
+    "test": ("**test** is the headline: no choice (checkpoint, early stop, recipe, sampling setting) has read it; val "
+             "chose them, so its figure is the selected model's own score."),
+    "val": ("On **val**, the split that chose the checkpoint (and, for the shipped recipes, the recipe): the selected "
+            "model's own score, not an unbiased estimate.")}
 
 
 def side_by_side(splits: dict[str, dict]) -> list[tuple[str, ...]]:
@@ -150,7 +182,7 @@ def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def output_names(ckpt: str, ensemble: str = "") -> dict[str, str]:
+def output_names(ckpt: str, ensemble: Sequence[str] = ()) -> dict[str, str]:
     """The files an evaluation of checkpoint `ckpt` writes: best.pt's plain, the others' named after them, and
     an evaluation with --ensemble its own (_ensemble), so the run's single-model figures stay where they were."""
     tag = ("" if ckpt == "best" else f"_{ckpt}") + ("_ensemble" if ensemble else "")
@@ -171,110 +203,133 @@ def ensemble_label(ens: dict[str, Any]) -> str:
     return f"{len(ens['runs'])} runs, weights {' / '.join(f'{w:.3f}' for w in ens['weights'])}"
 
 
-def write_report(out_dir: Path, ev: dict[str, Any], plots: dict[str, bytes]) -> None:
-    names = output_names(ev["settings"]["ckpt"], ev["settings"]["ensemble"])
-    run, data, lk = ev["run"], ev["data"], ev["likelihood"]
+def write(ev: Evaluation, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """eval.json, report.md and their plots into the run's folder (named by output_names), each atomically."""
+    out_dir, names = Path(ev.run["out_dir"]), output_names(ev.settings["ckpt"], ev.settings["ensemble"])
+    plots = {names["curves"]: plot_curves(train_rows, eval_rows, ev.curves)} if eval_rows else {}
+    if ev.baselines:
+        plots[names["bpb_plot"]] = plot_bpb(ev.likelihood["bpb"], ev.baselines)
+    try:
+        for name, png in plots.items():
+            atomic_write_bytes(out_dir / name, png)
+        atomic_write_bytes(out_dir / names["report"], render(ev, names).encode("utf-8"))
+        atomic_write_json(out_dir / names["json"], vars(ev))
+    except OSError as e:
+        raise UserError(f"cannot write the report into {out_dir}: {e.strerror or e}") from None
+
+
+def render(ev: Evaluation, names: dict[str, str]) -> str:
+    """report.md, section by section."""
+    md = likelihood_md(ev) + baselines_md(ev, names) + overfitting_md(ev.curves, names)
+    if ev.samples:
+        md += generations_md(ev)
+    timing = _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in ev.timings.items()])
+    return "\n".join(md + ["## Timing", "", timing, ""])
+
+
+def likelihood_md(ev: Evaluation) -> list[str]:
+    """The header and the held-out likelihood: each split's full pass, and beside the headline dynamic evaluation,
+    the n-gram mixture and the ensemble, each against it."""
+    run, data, s = ev.run, ev.data, ev.settings
     md = [f"# Evaluation of `{run['out_dir']}`", "",
           f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
           f"{data['tokenizer']} tokenizer (vocab {data['vocab_size']}), `{data['data_dir']}` split "
-          f"**{data['split']}**. Context: block_size {ev['settings']['block_size']}, stride "
-          f"{ev['settings']['stride']} (every token scored once with at least "
-          f"{ev['settings']['block_size'] - ev['settings']['stride']} tokens of context), "
-          f"{ev['settings']['device']} / {ev['settings']['dtype']}.", "",
-          "## Held-out likelihood", "", split_note(ev), "",
-          _md_table(("measure", *ev["splits"]), side_by_side(ev["splits"])), ""]
-    if ev.get("dynamic"):
-        dyn = ev["dynamic"]
+          f"**{data['split']}**. Context: block_size {s['block_size']}, stride {s['stride']} (every token scored "
+          f"once with at least {s['block_size'] - s['stride']} tokens of context), {s['device']} / {s['dtype']}.", "",
+          "## Held-out likelihood", "", SPLIT_NOTES[data["split"]], "",
+          _md_table(("measure", *ev.splits), side_by_side(ev.splits)), ""]
+    split, bpb = data["split"], ev.likelihood["bpb"]
+    against = "against the static figure above, which stays the headline"
+
+    def with_ngram(fig: dict[str, Any], where: str) -> str:
+        return (f" Mixed with an n-gram as {where} ({mixture_label(fig['mixture'])}, fitted on val the same way): "
+                f"**{fig['mixture']['bpb']:.4f} bpb**." if fig.get("mixture") else "")
+
+    if dyn := ev.dynamic:
         step = ("one step of the gradient divided by its RMS on train" if dyn.get("method") == "rms"
                 else "one SGD step") + (", pulled back towards the trained weights," if dyn.get("decay") else "")
-        md += [f"With dynamic evaluation ({step} after each window, on the tokens just scored; each token "
-               f"is still predicted before the model learns from it), the setting chosen on val "
-               f"({', '.join(f'{k}: {v:.4f}' if v is not None else f'{k}: diverged' for k, v in dyn['val_bpb_by_lr'].items())}"
-               f" bpb): {dynamic_label(dyn)}, "
-               f"**{dyn['bpb']:.4f} bpb** on {data['split']}, {dyn['bpb'] - lk['bpb']:+.4f} against the static "
-               "figure above, which stays the headline." + (
-                   f" Mixed with an n-gram as below ({mixture_label(dyn['mixture'])}, fitted on val the same way): "
-                   f"**{dyn['mixture']['bpb']:.4f} bpb**." if dyn.get("mixture") else ""), ""]
-    if ev.get("mixture"):
-        mix = ev["mixture"]
+        by_lr = ", ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: diverged" for k, v in dyn["val_bpb_by_lr"].items())
+        md += [f"With dynamic evaluation ({step} after each window, on the tokens just scored; each token is still "
+               f"predicted before the model learns from it), the setting chosen on val ({by_lr} bpb): "
+               f"{dynamic_label(dyn)}, **{dyn['bpb']:.4f} bpb** on {split}, {dyn['bpb'] - bpb:+.4f} {against}."
+               + with_ngram(dyn, "below"), ""]
+    if mix := ev.mixture:
+        by_order = ", ".join(f"order {k}: {v:.4f}" for k, v in mix["val_bpb_by_order"].items())
         md += [f"Mixed token by token with a modified Kneser-Ney n-gram over the model's own tokens, fitted on train "
-               f"(p = w p_model + (1 - w) p_ngram; weight and order fitted on val: "
-               f"{', '.join(f'order {k}: {v:.4f}' for k, v in mix['val_bpb_by_order'].items())} bpb): "
-               f"{mixture_label(mix)}, **{mix['bpb']:.4f} bpb** on {data['split']}, {mix['bpb'] - lk['bpb']:+.4f} "
-               f"against the static figure above, which stays the headline (the n-gram alone: {mix['ngram_bpb']:.4f}).",
-               ""]
-    if ev.get("ensemble"):
-        ens = ev["ensemble"]
+               f"(p = w p_model + (1 - w) p_ngram; weight and order fitted on val: {by_order} bpb): "
+               f"{mixture_label(mix)}, **{mix['bpb']:.4f} bpb** on {split}, {mix['bpb'] - bpb:+.4f} {against} "
+               f"(the n-gram alone: {mix['ngram_bpb']:.4f}).", ""]
+    if ens := ev.ensemble:
+        alone = ", ".join(f"`{r}` {b:.4f}" for r, b in zip(ens["runs"], ens["runs_bpb"]))
         md += [f"An ensemble, mixed token by token with runs trained on the same data (p = sum of w_k p_k; the "
                f"weights fitted on val, {ens['val_bpb']:.4f} bpb there): {ensemble_label(ens)}, "
-               f"**{ens['bpb']:.4f} bpb** on {data['split']}, {ens['bpb'] - lk['bpb']:+.4f} against the static "
-               f"figure above, which stays the headline. The runs alone on {data['split']}: " + ", ".join(
-                   f"`{r}` {b:.4f}" for r, b in zip(ens["runs"], ens["runs_bpb"])) + "." + (
-                   f" Mixed with an n-gram as above ({mixture_label(ens['mixture'])}, fitted on val the same way): "
-                   f"**{ens['mixture']['bpb']:.4f} bpb**." if ens.get("mixture") else ""), ""]
-    if ev.get("baselines"):
-        first = ev["splits"][data["split"]]["baselines"]
-        rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in ev["splits"].values()))]
-        rows += [(baseline_label(k), *(f"{sp['baselines'][k]['bpb']:.4f}" for sp in ev["splits"].values()))
-                 for k in sorted(first, key=lambda k: first[k]["bpb"])]
-        md += ["## Baselines", "",
-               "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of each held-out split.", "",
-               _md_table(("model", *(f"bpb on {name}" for name in ev["splits"])), rows), "",
-               f"![bpb]({names['bpb_plot']})", ""]
-    ov = ev["curves"]
-    md += ["## Overfitting", ""]
-    if ov.get("evals"):
-        if ov["evals_after_best"]:
-            trend = (f"Val loss stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
-                     f"{ov['evals_after_best']} evaluation(s) followed, the last (step {ov['last_iter']}) at "
-                     f"{ov['last_val_loss']:.4f} ({ov['val_rise_after_best']:+.4f}).")
-        else:
-            trend = (f"Val loss was still improving at the last evaluation (step {ov['best_iter']}, "
-                     f"{ov['best_val_loss']:.4f}): no overfitting yet.")
-        md += [f"{trend} Val minus train loss: {ov['gap_at_best']:+.4f} at the best step, "
-               f"{ov['gap_at_last']:+.4f} at the last. (train.py's losses are means over random windows; "
-               "the full pass above is the precise figure.)", "", f"![loss curves]({names['curves']})", ""]
+               f"**{ens['bpb']:.4f} bpb** on {split}, {ens['bpb'] - bpb:+.4f} {against}. The runs alone on "
+               f"{split}: {alone}." + with_ngram(ens, "above"), ""]
+    return md
+
+
+def baselines_md(ev: Evaluation, names: dict[str, str]) -> list[str]:
+    if not ev.baselines:
+        return []
+    splits = ev.splits.values()
+    rows = [("**this model**", *(f"**{sp['likelihood']['bpb']:.4f}**" for sp in splits))]
+    rows += [(baseline_label(k), *(f"{sp['baselines'][k]['bpb']:.4f}" for sp in splits))
+             for k in sorted(ev.baselines, key=lambda k: ev.baselines[k]["bpb"])]
+    return ["## Baselines", "",
+            "Fitted on (or, for compressors, given) the train split; bits per UTF-8 byte of each held-out split.", "",
+            _md_table(("model", *(f"bpb on {name}" for name in ev.splits)), rows), "", f"![bpb]({names['bpb_plot']})", ""]
+
+
+def overfitting_md(ov: dict[str, Any], names: dict[str, str]) -> list[str]:
+    if not ov.get("evals"):
+        return ["## Overfitting", "", "No evaluations in metrics.jsonl.", ""]
+    if ov["evals_after_best"]:
+        trend = (f"Val loss stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
+                 f"{ov['evals_after_best']} evaluation(s) followed, the last (step {ov['last_iter']}) at "
+                 f"{ov['last_val_loss']:.4f} ({ov['val_rise_after_best']:+.4f}).")
     else:
-        md += ["No evaluations in metrics.jsonl.", ""]
-    if ev.get("samples"):
-        s, sampling = ev["settings"], ev["sampling"]
-        md += ["## Memorisation", "",
-               f"{len(ev['samples'])} prompts of {s['prompt_chars']} characters from the {data['split']} split, "
-               f"continued by {s['gen_tokens']} tokens (temperature {sampling['temperature']:g}: "
-               f"{sampling['source']}; top_k {s['top_k']}, top_p {s['top_p']}, seed {s['seed']}), against the real "
-               f"continuation of the same length. {caps_line(sampling)}", "",
-               *temperature_table(sampling),
-               _md_table(("measure", "generated", "real continuation"), memo_rows(ev["memorisation"])), "",
-               "Longest verbatim span in the generated text:", "",
-               _fence(ev["memorisation"]["generated"]["longest_span_text"]), "",
-               "## Style", "",
-               _md_table(("measure", "book (train)", "generated", "real continuation"), style_rows(ev["style"])), "",
-               "Names per 1000 words (book / generated / real): " + ", ".join(
-                   f"{n} {ev['style']['book']['names_per_kword'][n]:.1f}/{ev['style']['generated']['names_per_kword'][n]:.1f}/"
-                   f"{ev['style']['reference']['names_per_kword'][n]:.1f}" for n in NAMES), ""]
-        th = ev["style"]["themes"]
-        md += ["## Themes", "",
-               "Who and where the text names (the principal characters and places) and what it talks about (its "
-               "words without function words), as Jensen-Shannon divergences in bits (0 the same mix, 1 nothing in "
-               "common). Per prompt, each generated continuation is held against its own prompt's real continuation "
-               "and against another prompt's (a shuffled-prompt control; the mean JSD of each): closer to its own "
-               "means it follows its prompt.", "",
-               _md_table(("measure", "book (train)", "generated", "real continuation"), theme_rows(th)), "",
-               f"Most frequent content words, generated: {', '.join(th['top_content_words']['generated'])}; "
-               f"real: {', '.join(th['top_content_words']['reference'])}.", "",
-               "## Samples", ""]
-        for i, smp in enumerate(ev["samples"], start=1):
-            md += [f"### Sample {i}", "", "Prompt:", "", _fence(smp["prompt"]), "", "Generated:", "",
-                   _fence(smp["generated"]), "", "Real continuation:", "", _fence(smp["reference"]), ""]
-    md += ["## Timing", "", _md_table(("stage", "seconds"), [(k, f"{v:.1f}") for k, v in ev["timings"].items()]), ""]
-    for name, png in plots.items():
-        atomic_write_bytes(out_dir / name, png)
-    atomic_write_bytes(out_dir / names["report"], "\n".join(md).encode("utf-8"))
+        trend = (f"Val loss was still improving at the last evaluation (step {ov['best_iter']}, "
+                 f"{ov['best_val_loss']:.4f}): no overfitting yet.")
+    return ["## Overfitting", "",
+            f"{trend} Val minus train loss: {ov['gap_at_best']:+.4f} at the best step, {ov['gap_at_last']:+.4f} at "
+            "the last. (train.py's losses are means over random windows; the full pass above is the precise figure.)",
+            "", f"![loss curves]({names['curves']})", ""]
 
 
-def print_summary(ev: dict[str, Any]) -> None:
-    lk, splits = ev["likelihood"], ev["splits"]
-    print(f"\n{ev['run']['out_dir']} ({ev['run']['checkpoint']}, step {ev['run']['iter_num']}): "
+def generations_md(ev: Evaluation) -> list[str]:
+    """Memorisation, style and themes of the generated continuations beside the real ones, and the samples."""
+    s, sampling, st, th = ev.settings, ev.sampling, ev.style, ev.style["themes"]
+    names = ", ".join(f"{n} {st['book']['names_per_kword'][n]:.1f}/{st['generated']['names_per_kword'][n]:.1f}/"
+                      f"{st['reference']['names_per_kword'][n]:.1f}" for n in NAMES)
+    columns = ("measure", "book (train)", "generated", "real continuation")
+    md = ["## Memorisation", "",
+          f"{len(ev.samples)} prompts of {s['prompt_chars']} characters from the {ev.data['split']} split, continued "
+          f"by {s['gen_tokens']} tokens (temperature {sampling['temperature']:g}: {sampling['source']}; top_k "
+          f"{s['top_k']}, top_p {s['top_p']}, seed {s['seed']}), against the real continuation of the same length. "
+          f"{caps_line(sampling)}", "", *temperature_table(sampling),
+          _md_table(("measure", "generated", "real continuation"), memo_rows(ev.memorisation)), "",
+          "Longest verbatim span in the generated text:", "",
+          _fence(ev.memorisation["generated"]["longest_span_text"]), "",
+          "## Style", "", _md_table(columns, style_rows(st)), "",
+          f"Names per 1000 words (book / generated / real): {names}", "",
+          "## Themes", "",
+          "Who and where the text names (the principal characters and places) and what it talks about (its "
+          "words without function words), as Jensen-Shannon divergences in bits (0 the same mix, 1 nothing in "
+          "common). Per prompt, each generated continuation is held against its own prompt's real continuation "
+          "and against another prompt's (a shuffled-prompt control; the mean JSD of each): closer to its own "
+          "means it follows its prompt.", "", _md_table(columns, theme_rows(th)), "",
+          f"Most frequent content words, generated: {', '.join(th['top_content_words']['generated'])}; "
+          f"real: {', '.join(th['top_content_words']['reference'])}.", "",
+          "## Samples", ""]
+    for i, smp in enumerate(ev.samples, start=1):
+        md += [f"### Sample {i}", "", "Prompt:", "", _fence(smp["prompt"]), "", "Generated:", "",
+               _fence(smp["generated"]), "", "Real continuation:", "", _fence(smp["reference"]), ""]
+    return md
+
+
+def print_summary(ev: Evaluation) -> None:
+    lk, splits = ev.likelihood, ev.splits
+    print(f"\n{ev.run['out_dir']} ({ev.run['checkpoint']}, step {ev.run['iter_num']}): "
           + " and ".join(f"{name} ({sp['likelihood']['tokens']:,} tokens)" for name, sp in splits.items()))
     print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
     for row in side_by_side(splits):
@@ -283,38 +338,33 @@ def print_summary(ev: dict[str, Any]) -> None:
     def row(label: str, bpb: float, note: str = "") -> None:
         print(f"  {label:<36} {bpb:>16.4f}" + (f"   ({note})" if note else ""))
 
-    if ev.get("dynamic"):
-        dyn = ev["dynamic"]
+    if dyn := ev.dynamic:
         row(f"bpb, dynamic evaluation ({dynamic_label(dyn)})", dyn["bpb"], "chosen on val: " + ", ".join(
             f"{k} {v:.4f}" if v is not None else f"{k} diverged" for k, v in dyn["val_bpb_by_lr"].items()))
         if dyn.get("mixture"):
             row(f"bpb, dynamic evaluation and n-gram ({mixture_label(dyn['mixture'])})", dyn["mixture"]["bpb"])
-    if ev.get("mixture"):
-        mix = ev["mixture"]
+    if mix := ev.mixture:
         row(f"bpb, mixed with an n-gram ({mixture_label(mix)})", mix["bpb"],
             "chosen on val: " + ", ".join(f"order {k} {v:.4f}" for k, v in mix["val_bpb_by_order"].items()))
-    if ev.get("ensemble"):
-        ens = ev["ensemble"]
+    if ens := ev.ensemble:
         row(f"bpb, ensemble ({ensemble_label(ens)})", ens["bpb"], "runs alone: " + ", ".join(f"{b:.4f}" for b in ens["runs_bpb"]))
         if ens.get("mixture"):
             row(f"bpb, ensemble and n-gram ({mixture_label(ens['mixture'])})", ens["mixture"]["bpb"])
-    if ev.get("baselines"):
-        print(f"baselines (bpb on {ev['data']['split']}, fitted on train):")
-        for k, v in sorted(ev["baselines"].items(), key=lambda kv: kv[1]["bpb"]):
+    if ev.baselines:
+        print(f"baselines (bpb on {ev.data['split']}, fitted on train):")
+        for k, v in sorted(ev.baselines.items(), key=lambda kv: kv[1]["bpb"]):
             verdict = "model better" if lk["bpb"] < v["bpb"] else "model worse"
             print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
-    if ev.get("samples"):
-        print(f"at temperature {ev['sampling']['temperature']:g} ({ev['sampling']['source']}): "
-              f"{caps_line(ev['sampling'])}")
+    if ev.samples:
+        print(f"at temperature {ev.sampling['temperature']:g} ({ev.sampling['source']}): {caps_line(ev.sampling)}")
         print(f"{'memorisation':<38} {'generated':>10} {'real':>10}")
-        for row in memo_rows(ev["memorisation"]):
-            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10}")
+        for cells in memo_rows(ev.memorisation):
+            print(f"  {cells[0]:<36} {cells[1]:>10} {cells[2]:>10}")
         print(f"{'style':<38} {'book':>10} {'generated':>10} {'real':>10}")
-        for row in style_rows(ev["style"]) + theme_rows(ev["style"]["themes"]):
-            print(f"  {row[0]:<36} {row[1]:>10} {row[2]:>10} {row[3]:>10}")
-    ov = ev["curves"]
-    if ov.get("evals"):
+        for cells in style_rows(ev.style) + theme_rows(ev.style["themes"]):
+            print(f"  {cells[0]:<36} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10}")
+    if (ov := ev.curves).get("evals"):
         print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
               f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")
-    names = output_names(ev["settings"]["ckpt"], ev["settings"]["ensemble"])
-    print(f"wrote {ev['run']['out_dir']}/{names['json']} and {names['report']} in {ev['timings']['total']:.1f} s")
+    names = output_names(ev.settings["ckpt"], ev.settings["ensemble"])
+    print(f"wrote {ev.run['out_dir']}/{names['json']} and {names['report']} in {ev.timings['total']:.1f} s")

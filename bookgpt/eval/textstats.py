@@ -2,10 +2,12 @@
 training text (memorisation: shares of char and word n-grams found there, the longest copied span),
 how close its style is to the book's (word and sentence lengths, punctuation, dialogue, names,
 unknown words, distinct n-grams), and whether it carries the book's themes and its prompt's (who and
-where it names, what it talks about). evaluate.py applies them to generated and to real continuations.
+where it names, what it talks about). evaluate.py applies them to generated and to real continuations,
+and holds the generated ones to two caps (copying, misspelling) when it chooses a sampling temperature.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import Any, Sequence
@@ -81,14 +83,10 @@ class TrainIndex:
 
     def found(self, text: str, kind: str, n: int) -> np.ndarray:
         """For each char/word n-gram of `text`, whether it occurs verbatim in train."""
-        if kind == "char":
-            hashes = RollingHash(code_points(text)).windows(n)
-        else:
-            ids = self.word_ids(text)
-            hashes = RollingHash(ids).windows(n)
-        found = find_sorted(self.table(kind, n), hashes)[1]
+        symbols = code_points(text) if kind == "char" else self.word_ids(text)
+        found = find_sorted(self.table(kind, n), RollingHash(symbols).windows(n))[1]
         if kind == "word" and len(found):  # a word never seen in train cannot be part of a verbatim match
-            found &= np.convolve(ids == 0, np.ones(n, dtype=int), mode="valid") == 0
+            found &= np.convolve(symbols == 0, np.ones(n, dtype=int), mode="valid") == 0
         return found
 
     def longest_spans(self, texts: list[str]) -> list[str]:
@@ -291,3 +289,41 @@ def themes(gens: list[str], refs: list[str], book: str, seed: int = 0) -> dict[s
         "top_content_words": {"generated": [w for w, _ in pool(gc).most_common(12)],
                               "reference": [w for w, _ in pool(rc).most_common(12)]},
     }
+
+
+# ----------------------------------------------------------------------------- the caps
+
+def judge(index: TrainIndex, gens: list[str], refs: list[str], book: str | None = None,
+          seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Memorisation and style of the generated continuations, beside the real ones'; given the book (the train
+    text), its style too, the distances of both to it, and the themes."""
+    mem = {"generated": memorisation(index, gens), "reference": memorisation(index, refs)}
+    style = {"generated": style_stats(gens, index.vocab_lower), "reference": style_stats(refs, index.vocab_lower)}
+    if book is not None:
+        style["book"] = stats = style_stats([book], index.vocab_lower)
+        style["generated_distance"] = style_distance(style["generated"], stats)
+        style["reference_distance"] = style_distance(style["reference"], stats)
+        style["themes"] = themes(gens, refs, book, seed)
+    return mem, style
+
+
+def against_caps(mem: dict[str, Any], style: dict[str, Any]) -> dict[str, float]:
+    """How many times the real continuations' rate the generated text copies 30-character spans of the
+    training text and writes words never seen there (mostly misspellings); 1 = the real text's rate."""
+    def ratio(generated: float, real: float) -> float:
+        return generated / real if real else (1.0 if not generated else math.inf)
+    return {"copy_ratio": ratio(mem["generated"]["char30_share"], mem["reference"]["char30_share"]),
+            "misspell_ratio": ratio(style["generated"]["unknown_word_share"], style["reference"]["unknown_word_share"])}
+
+
+def within_caps(ratios: dict[str, float]) -> bool:
+    return ratios["copy_ratio"] <= COPY_CAP and ratios["misspell_ratio"] <= MISSPELL_CAP
+
+
+def choose_temperature(trials: list[dict[str, float]]) -> dict[str, float]:
+    """The highest temperature whose samples stay within both caps: the model's own distribution as far as it
+    goes without copying the book or misspelling too much. If none does, the one nearest the caps."""
+    within = [t for t in trials if within_caps(t)]
+    if within:
+        return max(within, key=lambda t: t["temperature"])
+    return min(trials, key=lambda t: max(t["copy_ratio"] / COPY_CAP, t["misspell_ratio"] / MISSPELL_CAP))
