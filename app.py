@@ -28,9 +28,7 @@ from model import GPT
 MAX_PROMPT_CHARS = 20_000  # longer is a paste accident; the model only sees its last block_size tokens anyway
 # Openings of passages of War and Peace (Maude translation, Gutenberg #2600).
 EXAMPLES = ["Well, Prince, so Genoa and Lucca are now just family estates of the Buonapartes.",
-            "Prince Andrew looked at the sky and",
-            "Natasha ran into the drawing room,",
-            "Pierre Bezukhov",
+            "Prince Andrew looked at the sky and", "Natasha ran into the drawing room,", "Pierre Bezukhov",
             "The French army"]
 
 
@@ -199,9 +197,8 @@ def main(argv: list[str]) -> None:
     model, _ = runs.get(cfg.out_dir)  # a bad run is a clear error now, not a broken page later
     run_temperature(cfg.out_dir, cfg.ckpt)  # and so is a damaged sampling.json
     # Before gradio is imported: it reads these once. The page must not phone home or need the internet.
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("GRADIO_SSR_MODE", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for key, value in {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SSR_MODE": "False", "HF_HUB_OFFLINE": "1"}.items():
+        os.environ.setdefault(key, value)
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -114,8 +114,7 @@ def matmul_peak(dtype: torch.dtype, n: int, device: str, seconds: float = 1.0, m
     """Best FLOP/s of an n x n x n matrix product in dtype (of the repetitions that fit in `seconds`):
     the practical ceiling of this device."""
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
     a @ b
     sync(device)
     best, spent, reps = math.inf, 0.0, 0
@@ -200,9 +199,8 @@ class TrainRun:
             self.model = GPT(gpt_cfg).to(device)
             self.optimizers = make_optimizers(self.model, cfg, device)
         if self.plain:  # the reference implementation: one parameter at a time, no multi-tensor or fused kernels
-            for o in self.optimizers:
-                for group in o.param_groups:
-                    group.update(fused=False, foreach=False)
+            for group in (g for o in self.optimizers for g in o.param_groups):
+                group.update(fused=False, foreach=False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # train.py updates its weight average after every step: that is part of the step's time
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay and kind == "bookgpt" else None
@@ -407,13 +405,9 @@ def cache_logit_error(model: GPT, seq: torch.Tensor, dtype: str, device: str) ->
 
 def machine(device: str) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device}
     if device.startswith("cuda"):
@@ -426,8 +420,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def print_report(res: dict[str, Any]) -> None:
-    m, p = res["machine"], res["peaks"]
-    load = res["load_avg"]
+    m, p, load = res["machine"], res["peaks"], res["load_avg"]
     print(f"\n{m.get('gpu', m['cpu'])}, {m['torch_threads']} torch threads, torch {m['torch']}, "
           f"load average {load[0]:.2f} (1 min) at the start")
     print(f"matmul peak {p['matmul_size']}^3: bf16 {p['measured_bfloat16_flops'] / 1e12:.3f} TFLOP/s, "
@@ -455,8 +448,7 @@ def print_report(res: dict[str, Any]) -> None:
             print(f"{r['name']}: compile took ~{r['compile_s']:.1f} s (first step minus a steady one)")
     if res.get("data_ms_per_batch") is not None:
         print(f"data loading (batches.Batches): {res['data_ms_per_batch']:.2f} ms per micro-batch")
-    s = res.get("sampling")
-    if s:
+    if s := res.get("sampling"):
         print(f"\nsampling {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt ({s['dtype']}): "
               f"KV cache {s['cached_tokens_per_s']:,.1f} tokens/s, recomputing {s['uncached_tokens_per_s']:,.1f} "
               f"tokens/s: {s['speedup']:.1f}x; tokens identical: "
@@ -470,8 +462,7 @@ def data_ms_per_batch(cfg: BenchConfig, device: str, n: int = 20) -> float | Non
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "meta.json").is_file():
         return None
-    meta = read_meta(data_dir)
-    b = Batches(data_dir, "train", meta["dtype"], cfg.block_size, cfg.batch_size, device)
+    b = Batches(data_dir, "train", read_meta(data_dir)["dtype"], cfg.block_size, cfg.batch_size, device)
     gen = torch.Generator().manual_seed(0)
     b.get(gen)
     sync(device)

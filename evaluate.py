@@ -3,23 +3,21 @@
     python evaluate.py --out_dir=out/wp_bpe_cpu [--split=val|test] [--ckpt=best|latest|ema] [--stride=N]
                        [--dynamic_lr=LR] [--mix_ngram=ORDERS] [--ensemble=RUN,...]
 
-1. Likelihood (likelihood.py): one full pass over the whole split with sliding windows (HuggingFace's
-   strided perplexity recipe): every token is scored exactly once, with at least block_size - stride
-   tokens of context except at the very start. Reported as nats/token, perplexity, bits per character and
-   bits per UTF-8 byte (bpb, the headline: it compares char, byte and BPE models and compressors).
-   --dynamic_lr adds a second pass with dynamic evaluation (the model keeps learning as it reads), and
-   --mix_ngram the model mixed with a Kneser-Ney n-gram over its tokens, --ensemble the model mixed with
-   other runs (mixture.py). All are reported beside the static figure, which stays the headline, with
-   every setting and weight chosen on val.
+1. Likelihood (likelihood.py): one full pass over the whole split with sliding windows (HuggingFace's strided perplexity
+   recipe): every token is scored exactly once, with at least block_size - stride tokens of context except at the very
+   start. Reported as nats/token, perplexity, bits per character and bits per UTF-8 byte (bpb, the headline: it compares
+   char, byte and BPE models and compressors). --dynamic_lr adds a second pass with dynamic evaluation (the model keeps
+   learning as it reads), and --mix_ngram the model mixed with a Kneser-Ney n-gram over its tokens, --ensemble the model
+   mixed with other runs (mixture.py). All are reported beside the static figure, which stays the headline, with every
+   setting and weight chosen on val.
 2. Baselines on the same split, fitted on the train split (baselines.py): a byte unigram, byte-level
    interpolated Kneser-Ney n-grams (orders 2..8) and zlib/bz2/xz. Cached in <data_dir>/baselines_<split>.json.
-3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the
-   longest span found verbatim in the training text), style (distances to the book's statistics) and
-   themes (who and where it names, what it talks about; against its own prompt and a shuffled-prompt
-   control), all in textstats.py, beside the same figures for the real continuation of the same prompts.
-   --temperature=A,B,... first continues val prompts at each and keeps the highest temperature whose
-   samples stay within both caps (textstats.py: copying and misspelling against the real continuations),
-   saved as the run's own (sampling.json) for sample.py, app.py and later evaluations.
+3. Generated text: continuations of held-out prompts, checked for memorisation (n-grams and the longest span found
+   verbatim in the training text), style (distances to the book's statistics) and themes (who and where it names, what
+   it talks about; against its own prompt and a shuffled-prompt control), all in textstats.py, beside the same figures
+   for the real continuation of the same prompts. --temperature=A,B,... first continues val prompts at each and keeps
+   the highest temperature whose samples stay within both caps (textstats.py: copying and misspelling against the real
+   continuations), saved as the run's own (sampling.json) for sample.py, app.py and later evaluations.
 4. Overfitting: train/val curves from metrics.jsonl, with the point where val stopped improving.
 
 Writes out_dir/eval.json (every figure), out_dir/report.md and its PNG plots (report.py), atomically; for
@@ -173,23 +171,17 @@ def load(cfg: EvalConfig, log: Callable[[str], None]) -> Context:
                    train_tokens, tok.decode(train_tokens), log)
 
 
-# ============================================================================ 1. held-out likelihood
-
 def score(ctx: Context, name: str, per_token: bool) -> tuple[dict[str, dict], np.ndarray | None]:
-    """One split's figures: the model's full pass (with per_token also each token's nll, for a mixture), and the
-    byte n-gram and compressor baselines fitted on train (cached in the data folder)."""
+    """One split's full pass (per_token: each token's nll too, for a mixture) and its baselines, fitted on train."""
     tokens = ctx.tokens[name]
     if len(tokens) < 2:
         raise UserError(f"the {name} split has fewer than 2 tokens; nothing to evaluate")
     ctx.log(f"scoring {len(tokens):,} {name} tokens (block {ctx.block_size}, stride {ctx.stride}, "
             f"{ctx.device}/{ctx.dtype})...")
-    t0, token_nll = time.perf_counter(), None
+    t0 = time.perf_counter()
     args = (ctx.model, tokens, ctx.block_size, ctx.stride, ctx.cfg.batch_size, ctx.device, ctx.dtype)
-    if per_token:
-        token_nll = strided_token_nll(*args)
-        total, n = math.fsum(token_nll), len(token_nll)
-    else:
-        total, n = strided_nll(*args)
+    token_nll = strided_token_nll(*args) if per_token else None
+    total, n = strided_nll(*args) if token_nll is None else (math.fsum(token_nll), len(token_nll))
     ctx.timings[f"likelihood on {name}"] = seconds = time.perf_counter() - t0
     text = ctx.tok.decode_bytes(tokens[1:])  # the first token is context only
     lk = likelihood_figures(total, n, len(text), len(text.decode("utf-8", errors="replace")))
@@ -262,8 +254,6 @@ def ensemble_members(ctx: Context) -> tuple[list[str], list[dict[str, np.ndarray
     return runs, token_nll
 
 
-# ============================================================================ 2. generation
-
 @torch.inference_mode()
 def continue_prompts(ctx: Context, name: str, temperature: float) -> tuple[list[str], list[str], list[str]]:
     """num_prompts prompts spread over split `name`, continued at `temperature` in one batch: the prompts as fed,
@@ -315,22 +305,6 @@ def sampling_temperature(ctx: Context, index: TrainIndex) -> dict[str, Any]:
     return {**record, "source": "chosen on val"}
 
 
-def judge_generations(ctx: Context, index: TrainIndex, temperature: float) -> tuple[list[dict], dict, dict]:
-    """Continue num_prompts prompts of the headline split; the samples, and memorisation and style statistics
-    of the generated continuations beside the real ones and the book (textstats.py)."""
-    cfg, t0 = ctx.cfg, time.perf_counter()
-    ctx.log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens at temperature {temperature:g}...")
-    fed, gens, refs = continue_prompts(ctx, cfg.split, temperature)
-    ctx.timings["generation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
-    mem, style = judge(index, gens, refs, book=ctx.train_text, seed=cfg.seed)
-    ctx.timings["memorisation, style and themes"] = time.perf_counter() - t0
-    return samples, mem, style
-
-
-# ============================================================================ main
-
 def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
     """Run every part of the evaluation as configured; writes eval.json, report.md and plots."""
     cfg.check()
@@ -356,12 +330,19 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
         if mixture:  # the ensemble mixed with the n-gram, as the single model above
             ensembled["mixture"] = mix(ensemble_nll, scored, cfg.split, of="the ensemble")
 
-    # -- 3. generation, memorisation, style: at a temperature chosen on val prompts when asked to
+    # -- 3. generation, memorisation, style and themes (textstats.py): at a temperature chosen on val prompts if asked
     samples, mem, style, sampling = [], {}, {}, {}
     if cfg.num_prompts > 0:
         index = TrainIndex(ctx.train_text)
         sampling = sampling_temperature(ctx, index)
-        samples, mem, style = judge_generations(ctx, index, sampling["temperature"])
+        t0 = time.perf_counter()
+        log(f"generating {cfg.num_prompts} x {cfg.gen_tokens} tokens at temperature {sampling['temperature']:g}...")
+        fed, gens, refs = continue_prompts(ctx, cfg.split, sampling["temperature"])
+        ctx.timings["generation"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples = [{"prompt": f, "generated": g, "reference": r} for f, g, r in zip(fed, gens, refs)]
+        mem, style = judge(index, gens, refs, book=ctx.train_text, seed=cfg.seed)
+        ctx.timings["memorisation, style and themes"] = time.perf_counter() - t0
         sampling.update(against_caps(mem, style))  # on the headline split's prompts
 
     # -- 4. curves

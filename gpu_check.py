@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import torch
 
+from bookgpt.checkpoint import load_checkpoint, load_run
+from bookgpt.common import read_metrics, records_of, resolve_device, resolve_dtype
 from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json, cli, opt, parse_config, pip_hint, to_flags
 
 ROOT = Path(__file__).resolve().parent
@@ -220,8 +222,6 @@ class Checker:
         """Run train.py (or torchrun: args start with -m) into `out`, SIGTERM its training processes once step
         `stop_at` is logged (train.py finishes the step, saves ckpt.pt, exits 0), then resume it to the end.
         Returns the step the stopped run saved."""
-        from bookgpt.checkpoint import load_checkpoint
-        from bookgpt.common import read_metrics, records_of
         p, log = self.start(check, args, env)
         started = time.monotonic()
         while p.poll() is None and time.monotonic() < started + self.cfg.timeout:
@@ -247,7 +247,6 @@ class Checker:
 def compiled_as_asked(*runs: Path) -> None:
     """Each run finished (its metrics.jsonl ends in a summary) without a compile that fell back to eager: the
     GPU path is the compiled one."""
-    from bookgpt.common import read_metrics, records_of
     for out in runs:
         summary = (records_of(read_metrics(out / "metrics.jsonl")[0], "summary") or [None])[-1]
         if summary is None:
@@ -259,7 +258,6 @@ def compiled_as_asked(*runs: Path) -> None:
 # ----------------------------------------------------------------------------- the checks, in order
 
 def check_environment(c: Checker) -> str:
-    from bookgpt.common import resolve_dtype
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = [torch.cuda.get_device_name(i) for i in range(n)]
     caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(n)})
@@ -343,7 +341,6 @@ def cpu_fp16_problem() -> str:
 def check_train(c: Checker, dtype: str) -> str:
     """An unbroken run, and one stopped by SIGTERM halfway then resumed, both with deterministic kernels:
     the losses after the resume must be the unbroken run's, digit for digit."""
-    from bookgpt.common import read_metrics, records_of
     name, steps = f"train_{dtype}", c.cfg.steps
     extra = {"dtype": "float16"} if dtype == "fp16" else {"dtype": "bfloat16"} if c.gpu else {}  # CPU: float32
     if dtype == "fp16" and not c.gpu and (why := cpu_fp16_problem()):
@@ -384,7 +381,6 @@ def check_ddp(c: Checker, name: str) -> str:
     GPU), compile on, two micro-batches per process (no_sync on the first), stopped by SIGTERM and resumed;
     ckpt.pt must hold both processes' random streams. One GPU shares itself over cuda:gloo (NCCL's rules);
     ddp_nccl runs the same over NCCL when two GPUs are visible."""
-    from bookgpt.checkpoint import load_checkpoint
     if name == "ddp_nccl":
         if not c.gpu:
             raise Skipped("not a GPU")
@@ -444,8 +440,6 @@ def check_app(c: Checker) -> str:
     """The page's generation, its steps advanced from a worker thread as Gradio advances them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bookgpt.checkpoint import load_run
-    from bookgpt.common import resolve_device, resolve_dtype
     from bookgpt.sampling import stream_text
     from model import GPT
     run = str(run_dir(c))  # in this process: an absolute path, whatever the working directory

@@ -164,8 +164,7 @@ def strip_gutenberg(text: str) -> tuple[str, list[str]]:
     start = _START.search(text)
     end = _END.search(text, start.end() if start else 0)
     if start and end:
-        body = text[start.end():end.start()]
-        body = _END_WORDS.sub("\n", body)
+        body = _END_WORDS.sub("\n", text[start.end():end.start()])
     elif start or end:
         which = "START" if start else "END"
         warnings.append(f"found a Project Gutenberg {which} marker but not its partner; keeping the text on its side of it")
@@ -213,10 +212,7 @@ def split_text(text: str, val_fraction: float, test_fraction: float = 0.0) -> di
     n = len(text)
     a = _cut(text, int(n * (1 - val_fraction - test_fraction)))
     b = _cut(text, int(n * (1 - test_fraction))) if test_fraction > 0 else n
-    splits = {"train": text[:a], "val": text[a:b]}
-    if test_fraction > 0:
-        splits["test"] = text[b:]
-    return _check_sizes(splits)
+    return _check_sizes({"train": text[:a], "val": text[a:b]} | ({"test": text[b:]} if test_fraction > 0 else {}))
 
 
 def block_bounds(text: str, block_fraction: float) -> list[int]:
@@ -364,8 +360,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    cfg = parse_config(PrepareConfig, argv, prog="prepare.py", doc=__doc__.split("\n\n")[0])
-    return prepare(cfg)
+    return prepare(parse_config(PrepareConfig, argv, prog="prepare.py", doc=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

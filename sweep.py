@@ -85,9 +85,7 @@ def run_state(out_dir: Path) -> str:
     """finished (skip), interrupted (resume from ckpt.pt) or new (start from scratch)."""
     if finished_summary(read_metrics(out_dir / "metrics.jsonl")[0]):
         return "finished"
-    if (out_dir / "ckpt.pt").is_file():
-        return "interrupted"
-    return "new"
+    return "interrupted" if (out_dir / "ckpt.pt").is_file() else "new"
 
 
 def config_changes(run: Run) -> list[str]:
@@ -109,12 +107,9 @@ def config_changes(run: Run) -> list[str]:
 # ----------------------------------------------------------------------------- running one training
 
 def command(run: Run, opts: SweepOptions, base: list[str], resume: bool) -> list[str]:
-    if opts.nproc_per_node > 0:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={opts.nproc_per_node}", str(TRAIN)]
-    else:
-        launcher = [sys.executable, str(TRAIN)]
-    return launcher + base + to_flags(run.overrides) + [f"--init_from={'resume' if resume else 'scratch'}"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.nproc_per_node}"]
+    return [sys.executable, *(torchrun if opts.nproc_per_node > 0 else []), str(TRAIN), *base, *to_flags(run.overrides),
+            f"--init_from={'resume' if resume else 'scratch'}"]
 
 
 def _pump(stream: io.BufferedReader, log: io.BufferedWriter, echo: bool) -> None:
@@ -138,9 +133,7 @@ def _stop(proc: subprocess.Popen) -> None:
         try:
             proc.wait(timeout=wait)
             return
-        except subprocess.TimeoutExpired:
-            continue
-        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the save
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # or a second Ctrl-C: do not wait for the save
             continue
 
 
@@ -307,12 +300,12 @@ def main(argv: list[str]) -> int:
         return 0
     path, opts, train_overrides = parse_args(argv)
     sweep = load_sweep(path, train_overrides, opts.out_root)
+    missing = missing_data(sweep)
     if opts.dry_run:
         print_plan(sweep, opts, check_runnable(sweep, opts))
-        for m in missing_data(sweep):
+        for m in missing:
             print(f"warning: {m}")
         return 0
-    missing = missing_data(sweep)
     if missing:
         raise UserError("; ".join(missing))
     lock = sweep_lock(sweep.dir)

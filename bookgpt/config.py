@@ -21,7 +21,7 @@ import tempfile
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Sequence, TypeVar, get_type_hints
+from typing import Any, BinaryIO, Callable, Iterator, Sequence, TypeVar, get_type_hints
 
 T = TypeVar("T")
 
@@ -37,9 +37,18 @@ def pip_hint(packages: str) -> str:
             f"-d wheels/` on a machine with internet, then here `pip install --no-index --find-links=wheels/ {packages}`)")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a help string (shown by --help)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with a help string (shown by --help) and, for a string, the values it may take."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def bad_choice(cfg: Any) -> str:
+    """What is wrong with the first key whose value is not one of its field's choices; '' when none is."""
+    for f in dataclasses.fields(cfg):
+        allowed = f.metadata.get("choices")
+        if allowed and getattr(cfg, f.name) not in allowed:
+            return f"bad value for '{f.name}': {getattr(cfg, f.name)!r}; use one of {', '.join(allowed)}"
+    return ""
 
 
 # ----------------------------------------------------------------------------- values
@@ -55,7 +64,7 @@ def _item_type(tp: Any) -> Any:
 
 def _type_name(tp: Any) -> str:
     item = _item_type(tp)
-    return f"{_type_name(item)}s, comma-separated" if item else getattr(tp, "__name__", str(tp))
+    return f"comma-separated {_type_name(item)}" if item else getattr(tp, "__name__", str(tp))
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
@@ -198,7 +207,9 @@ def format_help(cls: type, prog: str, doc: str = "", values: Any = None) -> str:
     if doc:
         lines += [doc.strip(), ""]
     types = _fields(cls)
-    keys = [(f"--{f.name}={getattr(values, f.name) if values is not None else f.default!r}", f)
+    def shown(v: Any) -> str:  # a list option as it is typed on the command line
+        return to_flag(v) if isinstance(v, tuple) else repr(v)
+    keys = [(f"--{f.name}={shown(getattr(values, f.name)) if values is not None else shown(f.default)}", f)
             for f in dataclasses.fields(cls)]
     width = min(max(len(k) for k, _ in keys), 36)
     for key, f in keys:
@@ -290,9 +301,11 @@ def cli(main: Callable[[list[str]], Any]) -> None:
 
 @dataclasses.dataclass
 class GPTConfig:
-    """The model's keys: the one place they are defined, given defaults and checked. training.py's
-    TrainConfig takes them from here, so they are train.py's command-line keys too. The defaults are
-    the recommended CPU recipe's model (config/wp_bpe_cpu.toml): 6 x 256, rotary, RMSNorm, QK-norm."""
+    """The model's keys: the one place they are defined, given defaults and checked. training.py's TrainConfig
+    takes them from here, so they are train.py's command-line keys too. The defaults are the recommended CPU
+    recipe's model (config/wp_bpe_cpu.toml: 6 x 256, rotary, RMSNorm, QK-norm) without its three levers that
+    depend on the depth (value_embeds, unet_skips, zero_init), which TrainConfig turns on: GPTConfig(n_layer=2)
+    stays a valid model."""
     block_size: int = opt(256, "context length in tokens")
     vocab_size: int = opt(0, "vocabulary size (0 = the data's, from data_dir/meta.json)")
     n_layer: int = opt(6, "transformer blocks")
@@ -300,10 +313,10 @@ class GPTConfig:
     n_embd: int = opt(256, "embedding width")
     dropout: float = opt(0.2, "dropout probability (attention, residual, embedding); none in eval mode")
     bias: bool = opt(False, "biases in Linear layers and norms (GPT-2 had them)")
-    pos_emb: str = opt("rope", "rope (rotary) or learned (absolute positions, GPT-2's)")
-    norm: str = opt("rmsnorm", "rmsnorm or layernorm")
+    pos_emb: str = opt("rope", "rope (rotary) or learned (absolute positions, GPT-2's)", ("learned", "rope"))
+    norm: str = opt("rmsnorm", "rmsnorm or layernorm", ("layernorm", "rmsnorm"))
     qk_norm: bool = opt(True, "normalise queries and keys per head before attention")
-    mlp: str = opt("relu2", "relu2 (squared ReLU), gelu or swiglu")
+    mlp: str = opt("relu2", "relu2 (squared ReLU), gelu or swiglu", ("gelu", "relu2", "swiglu"))
     mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd (swiglu uses 2/3 of it: the same parameters)")
     tie_weights: bool = opt(True, "tie the output head to the token embedding")
     logit_softcap: float = opt(0.0, "cap * tanh(logits / cap) when > 0")
@@ -316,17 +329,13 @@ class GPTConfig:
     drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
                                 "branch for a sequence, from 0 at the first block rising linearly to this at the last")
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
-
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
-        """Raise ValueError naming the first key whose value cannot make a model."""
-        for key, allowed in self.CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"bad value for '{key}': {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        """Raise ValueError naming the first key whose value cannot make a model (of a TrainConfig: any key's choice)."""
+        if message := bad_choice(self):
+            raise ValueError(message)
         for key in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"'{key}' must be positive, got {getattr(self, key)}")

@@ -23,7 +23,7 @@ from bookgpt.config import opt
 @dataclass
 class OptimConfig:
     """The optimiser's and the schedules' keys: training.TrainConfig inherits them (after the model's)."""
-    optimizer: str = opt("muon", "muon (Muon for the hidden matrices, AdamW for the rest), or adamw")
+    optimizer: str = opt("muon", "muon (Muon for the hidden matrices, AdamW for the rest), or adamw", ("adamw", "muon"))
     learning_rate: float = opt(2e-3, "peak AdamW learning rate")
     min_lr: float = opt(2e-4, "AdamW's learning rate at the end of the decay (Muon's ends at the same fraction)")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -33,9 +33,11 @@ class OptimConfig:
     muon_momentum: float = opt(0.95, "Muon momentum")
     muon_weight_decay: float = opt(0.0, "decoupled weight decay on Muon's matrices (weight_decay is AdamW's)")
     muon_wd_schedule: str = opt("lr", "lr: each step shrinks Muon's matrices by its current rate x muon_weight_decay, "
-                                      "fading as the rate decays; constant: by muon_lr x muon_weight_decay to the end")
+                                      "fading as the rate decays; constant: by muon_lr x muon_weight_decay to the end",
+                                ("lr", "constant"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)")
+    lr_schedule: str = opt("cosine", "cosine (warmup, cosine decay) or wsd (warmup, stable, linear decay)",
+                           ("cosine", "wsd"))
     warmup_iters: int = opt(50, "linear warmup steps")
     lr_decay_iters: int = opt(0, "steps until min_lr (0 = max_iters)")
     decay_frac: float = opt(0.2, "wsd: share of the run spent decaying")

@@ -13,17 +13,11 @@ from bookgpt.common import autocast
 from bookgpt.config import UserError
 
 MAX_NEW_TOKENS = 100_000  # beyond this a request is a typo, not a plan
-# The sampling defaults of sample.py, evaluate.py's memorisation check and app.py's sliders: no top-k or
-# top-p truncation, and temperature 0.9 unless the run has its own. top-k 50 / top-p 0.95 made BPE
-# models copy 2.5-3.6x as much training text as real text does (docs/log.md, "BPE-2048 becomes the
-# preset"). The right temperature depends on how far the model trained: at 0.9 the BPE recipe's full
-# budget (about 1,800 steps) copies and misspells at about the real text's rates, and 600 steps
-# misspell 3x as often. So `evaluate.py --temperature=0.6,0.65,0.7,0.75,0.8,0.9` tries each on val
-# prompts and saves the highest within both caps (eval/textstats.py) as the run's own, in sampling.json
-# beside its checkpoint, which every tool then uses by default. A char model reads better truncated:
-# --temperature=0.8 --top_k=50 --top_p=0.95.
+# No top-k/top-p truncation (top-k 50 / top-p 0.95 made BPE models copy 2.5-3.6x as much training text as real
+# text does: docs/log.md, "BPE-2048 becomes the preset"), and 0.9 unless the run has its own temperature, which
+# `evaluate.py --temperature=A,B,...` chooses on val prompts (the highest within eval/textstats.py's copy and
+# misspelling caps) and saves in sampling.json beside the checkpoint. A char model reads better at 0.8, top-k 50, top-p 0.95.
 TEMPERATURE, TOP_K, TOP_P = 0.9, 0, 1.0
-
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -80,8 +80,7 @@ def run_name(parts: dict[str, Any]) -> str:
         abbr, text = ABBREV.get(k, k), _format_value(v)
         sep = "-" if abbr and (isinstance(v, (str, bool)) or abbr[-1].isdigit()) else ""
         words.append(f"{abbr}{sep}{text}")
-    name = re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(words)).strip("-.")
-    return name or "run"
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(words)).strip("-.") or "run"
 
 
 def read_shared(path: Path, data: dict[str, Any]) -> tuple[list[str], TrainConfig, dict[str, Any]]:
@@ -201,10 +200,8 @@ def load_sweep(path: str | Path, cli_overrides: dict[str, Any], out_root: str | 
 
 def finished_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The summary of a run that ended by itself (max_iters, max_minutes, early stop): not by a signal."""
-    summaries = [r for r in records if r.get("kind") == "summary"]
-    if summaries and summaries[-1].get("reason") != "signal":
-        return summaries[-1]
-    return None
+    last = next((r for r in reversed(records) if r.get("kind") == "summary"), None)
+    return last if last is not None and last.get("reason") != "signal" else None
 
 
 def read_record(out_dir: Path) -> dict[str, Any]:
@@ -239,11 +236,9 @@ def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
     evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))]
     if summary:
         seconds = summary.get("train_seconds") or 0.0
-        row.update(best_val_bpb=summary.get("best_val_bpb"), best_ema_val_bpb=summary.get("best_ema_val_bpb"),
-                   best_val_loss=summary.get("best_val_loss"),
-                   best_iter=summary.get("best_iter"), iters=summary.get("iter"), params=summary.get("params"),
-                   tokens_per_s=summary.get("tokens_seen", 0) / seconds if seconds else None,
-                   status="finished", reason=summary.get("reason"), error="")
+        copied = ("best_val_bpb", "best_ema_val_bpb", "best_val_loss", "best_iter", "params", "reason")
+        row.update({k: summary.get(k) for k in copied}, iters=summary.get("iter"), status="finished", error="",
+                   tokens_per_s=summary.get("tokens_seen", 0) / seconds if seconds else None)
     else:
         if evals:  # an unfinished run: the best it reached so far
             best = min(evals, key=lambda r: r["val_loss"])
@@ -253,16 +248,13 @@ def result_row(run: Run, sweep: Sweep) -> dict[str, Any]:
                        tokens_per_s=last["tokens_seen"] / last["time_s"] if last.get("time_s") else None)
         status = rec.get("status") or ("interrupted" if (run.out_dir / "ckpt.pt").is_file() else "pending")
         row.update(status=status if status != "finished" else "interrupted", error=rec.get("error", ""))
-    row["wall_s"] = rec.get("wall_s")
-    row["out_dir"] = str(run.out_dir)
+    row.update(wall_s=rec.get("wall_s"), out_dir=str(run.out_dir))
     return {**{k: None for k in ["run", *sweep.keys, *COLUMNS]}, **row}
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def key(r: dict[str, Any]) -> tuple:
-        bpb = r["best_val_bpb"]
-        return STATUS_ORDER.get(r["status"], 3), bpb if isinstance(bpb, (int, float)) else math.inf
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda r: (STATUS_ORDER.get(r["status"], 3),
+                                       r["best_val_bpb"] if isinstance(r["best_val_bpb"], (int, float)) else math.inf))
 
 
 def _fmt_csv(v: Any) -> Any:
@@ -300,8 +292,6 @@ def describe(row: dict[str, Any]) -> str:
 def _cell(v: Any, digits: int = 4) -> str:
     if v is None:
         return ""
-    if isinstance(v, bool):
-        return str(v).lower()
     if isinstance(v, float):
         return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
     return _format_value(v).replace("|", "\\|")
@@ -369,8 +359,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], sweep: Sweep) -> bool:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(order)), [_format_value(v) for v in order], rotation=20)
-        ax.set_xlabel(key)
-        ax.set_ylabel("best val bits per byte")
+        ax.set(xlabel=key, ylabel="best val bits per byte")
         ax.grid(alpha=0.3)
         if others and len(series) <= 10:
             ax.legend(fontsize=7)

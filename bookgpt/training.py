@@ -42,8 +42,9 @@ class TrainConfig(OptimConfig, GPTConfig):
     out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
     train_split: str = opt("train", "the token file training steps draw windows from: train, or train_dropout (several "
-                                    "random segmentations of train: prepare.py --bpe_dropout)")
-    init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt, with out_dir/config.json)")
+                                    "random segmentations of train: prepare.py --bpe_dropout)", ("train", "train_dropout"))
+    init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt, with out_dir/config.json)",
+                         ("scratch", "resume"))
     overwrite: bool = opt(False, "let a scratch run replace the checkpoints already in out_dir")
     # batches
     batch_size: int = opt(32, "sequences per micro-batch per process")
@@ -69,7 +70,7 @@ class TrainConfig(OptimConfig, GPTConfig):
     wandb_group: str = opt("", "wandb group (sweeps set it)")
     # system
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+    dtype: str = opt("auto", "auto, float32, bfloat16 or float16", ("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the model (falls back to eager if it fails)")
     deterministic: bool = opt(False, "deterministic kernels, so two runs of a seed give the same losses on a GPU "
                                      "too (a little slower; on a CPU they are the same anyway)")
@@ -88,19 +89,11 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "init_from", "data_dir", "optimizer", "max_it
                         "threads", "overwrite", *(f.name for f in fields(GPTConfig))}
 
 
-CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"),
-           "muon_wd_schedule": ("lr", "constant"), "train_split": ("train", "train_dropout"),
-           "dtype": ("auto", "float32", "bfloat16", "float16")}
-
-
 def validate(cfg: TrainConfig) -> None:
     try:
-        GPTConfig.check(cfg)  # the model's keys
+        GPTConfig.check(cfg)  # every key's choices, then the model's keys
     except ValueError as e:
         raise UserError(str(e)) from None
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"bad value for '{key}': {getattr(cfg, key)!r}; use one of {', '.join(allowed)}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "max_iters"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"'{key}' must be positive, got {getattr(cfg, key)}")

@@ -92,10 +92,9 @@ class KNLevel:
 
 
 def kn_levels(train: bytes | np.ndarray, order: int, modified: bool = False, vocab_size: int = 256) -> list[KNLevel]:
-    """Tables for orders 1..order over bytes, or over symbols 0..vocab_size-1. The top order counts
-    n-grams; each lower order counts, for each n-gram, how many distinct symbols precede it
-    (Kneser-Ney's continuation counts), which is why a word part seen in only one context gets
-    little weight on its own."""
+    """Tables for orders 1..order over bytes, or over symbols 0..vocab_size-1. The top order counts n-grams; each lower
+    order counts, for each n-gram, how many distinct symbols precede it (Kneser-Ney's continuation counts), which is why
+    a word part seen in only one context gets little weight on its own."""
     bits = symbol_bits(vocab_size)
     if not 1 <= order <= max_order(vocab_size):
         raise ValueError(f"n-gram order must be 1..{max_order(vocab_size)} ({max_order(vocab_size)} symbols of "
@@ -159,15 +158,12 @@ def compressor_bpb(train: bytes, heldout: bytes, name: str) -> float:
     return (len(compress(train + heldout)) - len(compress(train))) * 8 / len(heldout)
 
 
-BASELINE_LABELS = {"unigram": "byte unigram (add-one)", "zlib": "zlib -9", "bz2": "bz2 -9", "xz": "xz -9e"}
-
-
 def baseline_label(name: str) -> str:
     if name.startswith("mkn"):
         return f"modified Kneser-Ney, order {name[3:]}"
     if name.startswith("kn"):
         return f"Kneser-Ney, order {name[2:]}"
-    return BASELINE_LABELS.get(name, name)
+    return {"unigram": "byte unigram (add-one)", "zlib": "zlib -9", "bz2": "bz2 -9", "xz": "xz -9e"}.get(name, name)
 
 
 def compute_baselines(train: bytes, heldout: bytes, max_order: int = 8, log: Callable[[str], None] = print) -> dict[str, dict]:

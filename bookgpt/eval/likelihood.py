@@ -79,12 +79,11 @@ def strided_token_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int]
 def dynamic_token_nll(model: torch.nn.Module, tokens: np.ndarray | Sequence[int], block_size: int, stride: int,
                       lr: float, device: str = "cpu", dtype: str = "float32", decay: float = 0.0,
                       grad_rms: list[torch.Tensor] | None = None) -> np.ndarray:
-    """strided_token_nll with dynamic evaluation (Krause et al., 2018): the windows are read in
-    order, one at a time, and after scoring a window the model takes one step on the tokens it
-    just scored. Every token is still predicted before the model learns from it (a prequential
-    code, as bz2 and xz adapt while they read), so this is a fair held-out figure, but of a model
-    that keeps learning from the text it is scored on: it is reported beside the static one,
-    never instead. Works on a copy; `model` is left as it was.
+    """strided_token_nll with dynamic evaluation (Krause et al., 2018): the windows are read in order, one at a time,
+    and after scoring a window the model takes one step on the tokens it just scored. Every token is still predicted
+    before the model learns from it (a prequential code, as bz2 and xz adapt while they read), so this is a fair
+    held-out figure, but of a model that keeps learning from the text it is scored on: it is reported beside the static
+    one, never instead. Works on a copy; `model` is left as it was.
 
     The step is plain SGD, or with `grad_rms` (train_gradient_rms) Krause et al.'s: each gradient
     divided by its RMS over training batches, and with `decay` a pull back towards the trained weights,

@@ -1,5 +1,5 @@
-"""What evaluate.py writes and prints from its figures: eval.json (an Evaluation), and rendered from it alone the
-plots (training curves, bpb against the baselines), report.md and the summary on the terminal.
+"""What evaluate.py writes and prints from its figures: eval.json (an Evaluation), and rendered from it alone the plots
+(training curves, bpb against the baselines), report.md and the summary on the terminal.
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def overfitting_summary(evals: list[dict]) -> dict[str, Any]:
     """Where val stopped improving and how far it and the train/val gap moved afterwards."""
     if not evals:
         return {"evals": 0}
-    best = min(evals, key=lambda r: r["val_loss"])
-    last = evals[-1]
+    best, last = min(evals, key=lambda r: r["val_loss"]), evals[-1]
     return {"evals": len(evals), "best_iter": best["iter"], "best_val_loss": best["val_loss"],
             "best_val_bpb": best.get("val_bpb"), "last_iter": last["iter"], "last_val_loss": last["val_loss"],
             "evals_after_best": sum(r["iter"] > best["iter"] for r in evals),
@@ -57,8 +56,7 @@ def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -
     """Loss against step: train (per log line and per eval) and val, best val marked."""
     from matplotlib.figure import Figure  # the OO API: no pyplot, no global backend state
 
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
+    ax = Figure(figsize=(8, 4.5)).subplots()
     if train:
         ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.3, lw=1,
                 label="train (batch)")
@@ -68,12 +66,10 @@ def plot_curves(train: list[dict], evals: list[dict], summary: dict[str, Any]) -
         ax.plot(its, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val (eval)")
         ax.axvline(summary["best_iter"], color="tab:red", ls="--", lw=1,
                    label=f"best val {summary['best_val_loss']:.4f} at step {summary['best_iter']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("train vs val loss")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="train vs val loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def plot_bpb(model_bpb: float, baselines: dict[str, dict]) -> bytes:
@@ -82,14 +78,12 @@ def plot_bpb(model_bpb: float, baselines: dict[str, dict]) -> bytes:
 
     rows = sorted([("this model", model_bpb)] + [(baseline_label(k), v["bpb"]) for k, v in baselines.items()],
                   key=lambda r: -r[1])
-    fig = Figure(figsize=(8, 0.35 * len(rows) + 1.2))
-    ax = fig.subplots()
+    ax = Figure(figsize=(8, 0.35 * len(rows) + 1.2)).subplots()
     colors = ["tab:red" if name == "this model" else "tab:gray" for name, _ in rows]
     bars = ax.barh([name for name, _ in rows], [v for _, v in rows], color=colors)
     ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
-    ax.set_xlabel("bits per byte on the held-out split (lower is better)")
-    ax.set_xlim(0, max(v for _, v in rows) * 1.15)
-    return _png(fig)
+    ax.set(xlabel="bits per byte on the held-out split (lower is better)", xlim=(0, max(v for _, v in rows) * 1.15))
+    return _png(ax.figure)
 
 
 def _fence(text: str) -> str:
@@ -110,16 +104,11 @@ SPLIT_NOTES = {  # what the headline split's figure is
 
 
 def side_by_side(splits: dict[str, dict]) -> list[tuple[str, ...]]:
-    """likelihood_rows of every split, as one row per measure."""
-    columns = [likelihood_rows(sp["likelihood"]) for sp in splits.values()]
-    return [(rows[0][0], *(r[1] for r in rows)) for rows in zip(*columns)]
-
-
-def likelihood_rows(lk: dict[str, float]) -> list[tuple[str, str]]:
-    return [("bits per byte (bpb)", f"{lk['bpb']:.4f}"), ("loss (nats/token)", f"{lk['loss']:.4f}"),
-            ("perplexity per token", f"{lk['ppl']:.3f}"), ("bits per character", f"{lk['bpc']:.4f}"),
-            ("perplexity per character", f"{lk['ppl_char']:.3f}"),
-            ("tokens / chars / bytes scored", f"{lk['tokens']:,} / {lk['chars']:,} / {lk['bytes']:,}")]
+    """Each likelihood measure as one row, with a column per split."""
+    rows = {"bits per byte (bpb)": "{bpb:.4f}", "loss (nats/token)": "{loss:.4f}", "perplexity per token": "{ppl:.3f}",
+            "bits per character": "{bpc:.4f}", "perplexity per character": "{ppl_char:.3f}",
+            "tokens / chars / bytes scored": "{tokens:,} / {chars:,} / {bytes:,}"}
+    return [(label, *(fmt.format(**sp["likelihood"]) for sp in splits.values())) for label, fmt in rows.items()]
 
 
 def memo_rows(mem: dict[str, dict]) -> list[tuple[str, str, str]]:
@@ -151,9 +140,8 @@ def temperature_table(sampling: dict[str, Any]) -> list[str]:
 def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     b, g, r = st["book"], st["generated"], st["reference"]
     gd, rd = st["generated_distance"], st["reference_distance"]
-    rows = [("word-length TVD to book", "0", f"{gd['word_len_tvd']:.3f}", f"{rd['word_len_tvd']:.3f}"),
-            ("sentence-length TVD to book", "0", f"{gd['sentence_len_tvd']:.3f}", f"{rd['sentence_len_tvd']:.3f}"),
-            ("punctuation-mix TVD to book", "0", f"{gd['punct_mix_tvd']:.3f}", f"{rd['punct_mix_tvd']:.3f}")]
+    tvds = {"word_len_tvd": "word-length", "sentence_len_tvd": "sentence-length", "punct_mix_tvd": "punctuation-mix"}
+    rows = [(f"{what} TVD to book", "0", f"{gd[key]:.3f}", f"{rd[key]:.3f}") for key, what in tvds.items()]
     for key, label, fmt in (("mean_word_len", "mean word length", "{:.2f}"),
                             ("mean_sentence_len", "mean sentence length (words)", "{:.1f}"),
                             ("quotes_per_kchar", "quote marks per 1000 chars", "{:.1f}"),
@@ -161,8 +149,7 @@ def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
                             ("unknown_word_share", "words not in the train text", "{:.2%}")):
         rows.append((label, fmt.format(b[key]), fmt.format(g[key]), fmt.format(r[key])))
     rows.append(("punctuation marks per 1000 chars", *(f"{sum(s['punct_per_kchar'].values()):.1f}" for s in (b, g, r))))
-    for n in ("1", "2", "3"):
-        rows.append((f"distinct-{n} (per sample)", "-", f"{g['distinct'][n]:.3f}", f"{r['distinct'][n]:.3f}"))
+    rows += [(f"distinct-{n} (per sample)", "-", f"{g['distinct'][n]:.3f}", f"{r['distinct'][n]:.3f}") for n in "123"]
     rows.append(("main names per 1000 words", *(f"{sum(s['names_per_kword'].values()):.1f}" for s in (b, g, r))))
     return rows
 
@@ -174,8 +161,7 @@ def theme_rows(th: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("content words: JSD to the book", "0", f"{cb['generated']:.3f}", f"{cb['reference']:.3f}"),
             ("names/places: JSD to real text", "-", f"{th['entities_jsd_to_real']:.3f}", "0"),
             ("content words: JSD to real text", "-", f"{th['content_jsd_to_real']:.3f}", "0")]
-    for key, label in (("entities_per_prompt", "names/places"), ("content_per_prompt", "content words")):
-        pp = th[key]
+    for pp, label in ((th["entities_per_prompt"], "names/places"), (th["content_per_prompt"], "content words")):
         if pp["own"] is not None and pp["shuffled"] is not None:
             rows += [(f"{label}, own prompt's real", "-", f"{pp['own']:.3f}", "0"),
                      (f"{label}, other prompt's real", "-", f"{pp['shuffled']:.3f}", "-")]
@@ -228,8 +214,7 @@ def render(ev: Evaluation, names: dict[str, str]) -> str:
 
 
 def likelihood_md(ev: Evaluation) -> list[str]:
-    """The header and the held-out likelihood: each split's full pass, and beside the headline dynamic evaluation,
-    the n-gram mixture and the ensemble, each against it."""
+    """The header and each split's full pass; beside the headline dynamic evaluation, the n-gram mixture, the ensemble."""
     run, data, s = ev.run, ev.data, ev.settings
     md = [f"# Evaluation of `{run['out_dir']}`", "",
           f"Checkpoint `{run['checkpoint']}` (step {run['iter_num']}, {run['params']:,} parameters), "
@@ -329,15 +314,18 @@ def generations_md(ev: Evaluation) -> list[str]:
 
 def print_summary(ev: Evaluation) -> None:
     lk, splits = ev.likelihood, ev.splits
-    print(f"\n{ev.run['out_dir']} ({ev.run['checkpoint']}, step {ev.run['iter_num']}): "
-          + " and ".join(f"{name} ({sp['likelihood']['tokens']:,} tokens)" for name, sp in splits.items()))
-    print(f"  {'':<36} " + " ".join(f"{name:>16}" for name in splits))
-    for row in side_by_side(splits):
-        print(f"  {row[0]:<36} " + " ".join(f"{v:>16}" for v in row[1:]))
+
+    def table(header: Sequence[str], rows: list[Sequence[str]], width: int) -> None:
+        print(f"{header[0]:<38} " + " ".join(f"{h:>{width}}" for h in header[1:]))
+        for cells in rows:
+            print(f"  {cells[0]:<36} " + " ".join(f"{c:>{width}}" for c in cells[1:]))
 
     def row(label: str, bpb: float, note: str = "") -> None:
         print(f"  {label:<36} {bpb:>16.4f}" + (f"   ({note})" if note else ""))
 
+    print(f"\n{ev.run['out_dir']} ({ev.run['checkpoint']}, step {ev.run['iter_num']}): "
+          + " and ".join(f"{name} ({sp['likelihood']['tokens']:,} tokens)" for name, sp in splits.items()))
+    table(("", *splits), side_by_side(splits), 16)
     if dyn := ev.dynamic:
         row(f"bpb, dynamic evaluation ({dynamic_label(dyn)})", dyn["bpb"], "chosen on val: " + ", ".join(
             f"{k} {v:.4f}" if v is not None else f"{k} diverged" for k, v in dyn["val_bpb_by_lr"].items()))
@@ -357,12 +345,8 @@ def print_summary(ev: Evaluation) -> None:
             print(f"  {baseline_label(k):<36} {v['bpb']:.4f}  ({verdict} by {abs(lk['bpb'] - v['bpb']):.4f})")
     if ev.samples:
         print(f"at temperature {ev.sampling['temperature']:g} ({ev.sampling['source']}): {caps_line(ev.sampling)}")
-        print(f"{'memorisation':<38} {'generated':>10} {'real':>10}")
-        for cells in memo_rows(ev.memorisation):
-            print(f"  {cells[0]:<36} {cells[1]:>10} {cells[2]:>10}")
-        print(f"{'style':<38} {'book':>10} {'generated':>10} {'real':>10}")
-        for cells in style_rows(ev.style) + theme_rows(ev.style["themes"]):
-            print(f"  {cells[0]:<36} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10}")
+        table(("memorisation", "generated", "real"), memo_rows(ev.memorisation), 10)
+        table(("style", "book", "generated", "real"), style_rows(ev.style) + theme_rows(ev.style["themes"]), 10)
     if (ov := ev.curves).get("evals"):
         print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "
               f"last eval step {ov['last_iter']}: {ov['last_val_loss']:.4f}")

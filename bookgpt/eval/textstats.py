@@ -28,11 +28,9 @@ _BASE_INV = pow(_BASE, -1, 1 << 64)
 
 def _powers(base: int, n: int) -> np.ndarray:
     """base**0 .. base**(n-1) mod 2**64 (numpy's uint64 products wrap, which is what we want)."""
-    out = np.empty(n, dtype=np.uint64)
-    if n:
-        out[0] = 1
-        out[1:] = np.cumprod(np.full(n - 1, base, dtype=np.uint64))
-    return out
+    out = np.full(n, base, dtype=np.uint64)
+    out[:1] = 1
+    return np.cumprod(out, dtype=np.uint64)
 
 
 class RollingHash:
@@ -46,10 +44,9 @@ class RollingHash:
         with np.errstate(over="ignore"):
             self.prefix = np.concatenate([[np.uint64(0)], np.cumsum(x * _powers(_BASE_INV, len(x)), dtype=np.uint64)])
         self.pow = _powers(_BASE, len(x))
-        self.size = len(x)
 
     def windows(self, n: int) -> np.ndarray:
-        if n > self.size:
+        if n > len(self.pow):  # longer than the sequence
             return np.zeros(0, dtype=np.uint64)
         with np.errstate(over="ignore"):
             return (self.prefix[n:] - self.prefix[:-n]) * self.pow[n - 1:]
@@ -78,12 +75,10 @@ class TrainIndex:
             self._tables[(kind, n)] = np.sort((self.chars if kind == "char" else self.words).windows(n))
         return self._tables[(kind, n)]
 
-    def word_ids(self, text: str) -> np.ndarray:
-        return np.array([self.word_id.get(w, 0) for w in WORD_RE.findall(text)], dtype=np.int64)
-
     def found(self, text: str, kind: str, n: int) -> np.ndarray:
         """For each char/word n-gram of `text`, whether it occurs verbatim in train."""
-        symbols = code_points(text) if kind == "char" else self.word_ids(text)
+        symbols = (code_points(text) if kind == "char"
+                   else np.array([self.word_id.get(w, 0) for w in WORD_RE.findall(text)], dtype=np.int64))
         found = find_sorted(self.table(kind, n), RollingHash(symbols).windows(n))[1]
         if kind == "word" and len(found):  # a word never seen in train cannot be part of a verbatim match
             found &= np.convolve(symbols == 0, np.ones(n, dtype=int), mode="valid") == 0
@@ -185,10 +180,9 @@ def style_stats(texts: list[str], vocab_lower: set[str] | None = None) -> dict[s
 
 def style_distance(stats: dict[str, Any], book: dict[str, Any]) -> dict[str, float]:
     """How far a text's statistics are from the book's (0 = the same)."""
-    punct = tvd(_normalise(stats["punct_per_kchar"]), _normalise(book["punct_per_kchar"]))
     return {"word_len_tvd": tvd(stats["word_len_hist"], book["word_len_hist"]),
             "sentence_len_tvd": tvd(stats["sentence_len_hist"], book["sentence_len_hist"]),
-            "punct_mix_tvd": punct,
+            "punct_mix_tvd": tvd(_normalise(stats["punct_per_kchar"]), _normalise(book["punct_per_kchar"])),
             "punct_rate_ratio": sum(stats["punct_per_kchar"].values()) / max(sum(book["punct_per_kchar"].values()), 1e-9),
             "names_rate_ratio": sum(stats["names_per_kword"].values()) / max(sum(book["names_per_kword"].values()), 1e-9)}
 
@@ -251,20 +245,18 @@ def jsd(p: Counter, q: Counter) -> float:
 def derangement(n: int, seed: int) -> list[int]:
     """A random permutation without fixed points (n >= 2): text i is paired with another prompt's text."""
     order = np.random.default_rng(seed).permutation(n)
-    pair = [0] * n
-    for k in range(n):
-        pair[int(order[k])] = int(order[(k + 1) % n])
-    return pair
+    pair = np.empty(n, dtype=np.int64)
+    pair[order] = np.roll(order, -1)  # each text in the random cycle is paired with the next
+    return pair.tolist()
 
 
 def themes(gens: list[str], refs: list[str], book: str, seed: int = 0) -> dict[str, Any]:
     """Whether generated continuations carry the book's themes and their own prompt's, against the real
     continuations of the same prompts (refs[i] continues the prompt gens[i] continues).
 
-    Pooled over all texts: who and where is named (rate and mix) and the content-word mix, each as a
-    JSD to the book and to the real continuations. Per prompt: the JSD of each generated continuation to
-    its own prompt's real continuation, and to another prompt's (a shuffled-prompt control); a model that
-    follows its prompt is closer to its own."""
+    Pooled over all texts: who and where is named (rate and mix) and the content-word mix, each as a JSD to the book and
+    to the real continuations. Per prompt: the JSD of each generated continuation to its own prompt's real continuation,
+    and to another prompt's (a shuffled-prompt control); a model that follows its prompt is closer to its own."""
     book_e, book_c = entity_counts(book), content_counts(book)
     ge, re_ = [entity_counts(t) for t in gens], [entity_counts(t) for t in refs]
     gc, rc = [content_counts(t) for t in gens], [content_counts(t) for t in refs]
