@@ -61,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual = True  # scaled init, see GPT._init_weights
-        self.dropout = config.dropout
+        self.attn_dropout_p = config.dropout  # of the attention probabilities, inside the attention call
         self.resid_dropout = nn.Dropout(config.dropout)
         self.cpu_attention = None  # kernels.install: its explicit_causal_attention, for bf16 on a CPU
         self.qk_norm = config.qk_norm
@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv[:, :, :, :end].unbind(0)
             causal = start == 0  # a prefill from 0 is causal; one new query sees all keys
         q, k = q.to(v.dtype), k.to(v.dtype)  # normed q, k can be float32 under autocast (MPS, CUDA): SDPA wants one dtype
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.attn_dropout_p if self.training else 0.0
         if (cache is None and self.cpu_attention and q.device.type == "cpu"
                 and q.dtype in (torch.bfloat16, torch.float16)):  # where the measured CPU kernel wins
             y = self.cpu_attention(q, k, v, dropout_p)  # kernels.explicit_causal_attention
@@ -241,7 +241,7 @@ class GPT(nn.Module):
         schedule does during training. The model's config keeps the rate it was built with."""
         self.drop.p = p
         for block in self.blocks:
-            block.attn.resid_dropout.p = block.mlp.dropout.p = block.attn.dropout = p
+            block.attn.resid_dropout.p = block.mlp.dropout.p = block.attn.attn_dropout_p = p
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -319,7 +319,7 @@ def test_set_dropout_changes_every_rate_in_training_and_none_in_eval() -> None:
     model.set_dropout(0.0)
     rates = [m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "path_mask" not in name]
     assert len(rates) == 5 and set(rates) == {0.0}  # embedding, and each block's attention and MLP outputs
-    assert {b.attn.dropout for b in model.blocks} == {0.0}  # the attention weights'
+    assert {b.attn.attn_dropout_p for b in model.blocks} == {0.0}  # the attention weights'
     assert model.config.dropout == 0.2  # the config keeps the rate the model was built with
     idx = torch.randint(0, 37, (2, 16))
     reference = model(idx)[0]
