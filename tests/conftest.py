@@ -2,6 +2,7 @@
 (../shared beside the repo in CI; `make test` fetches them once elsewhere) and never touch the internet."""
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -100,3 +101,12 @@ def load_model(out_dir: Path | str, which: str = "best", device: str = "cpu") ->
 
     ckpt, info = load_run(out_dir, which)
     return GPT.from_checkpoint(ckpt, info["path"], device), info
+
+
+@pytest.fixture
+def old_run(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A run folder in the layout the code before the bookgpt/ package wrote (tests/old_run.py), and what that
+    code computed from it (expected.json): the last logits and a sample for a prompt, the losses of a resume."""
+    from old_run import FIXTURE, make_old_run
+
+    return make_old_run(tmp_path), json.loads((FIXTURE / "expected.json").read_text())

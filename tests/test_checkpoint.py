@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -65,21 +64,17 @@ def test_one_same_data_check_for_resume_distillation_and_evaluation() -> None:
 
 
 def test_a_run_folder_saved_before_the_package_layout_still_samples_and_evaluates(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """tests/fixtures/run_before_package was written by train.py when every module stood at the top level."""
-    import shutil
-
+        old_run, capsys: pytest.CaptureFixture) -> None:
+    """A run folder in the layout train.py wrote when every module stood at the top level (tests/old_run.py)."""
     import evaluate
     import sample
 
-    run = tmp_path / "run"
-    shutil.copytree(Path(__file__).parent / "fixtures" / "run_before_package", run)
-    expected = json.loads((run / "expected.json").read_text())
+    run, expected = old_run
     ckpt, info = load_run(run, "latest")
     assert info["iter_num"] == 6 and ckpt["version"] == 1
     sample.main([f"--out_dir={run}", f"--prompt={expected['prompt']}", "--num_samples=1", "--max_new_tokens=40",
                  "--temperature=1", "--seed=1", "--device=cpu", "--dtype=float32"])
     assert capsys.readouterr().out == f"---------- sample 1 of 1\n{expected['sample_seed1_t1']}\n"  # as sampled then
-    ev = evaluate.main([f"--out_dir={run}", f"--data_dir={run / 'data'}", "--num_prompts=0", "--baselines=false",
+    ev = evaluate.main([f"--out_dir={run}", f"--data_dir={run.parent / 'data'}", "--num_prompts=0", "--baselines=false",
                         "--device=cpu", "--dtype=float32"])
     assert 4.5 < ev["likelihood"]["bpb"] < 5.5 and (run / "eval.json").is_file()

@@ -2,9 +2,7 @@
 accounting, the CPU kernels and their switch, and a checkpoint saved before the kernels moved."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -410,11 +408,10 @@ def test_the_switch_off_gives_the_textbook_model(monkeypatch: pytest.MonkeyPatch
     assert len(sdpa_calls) == 2 and torch.isfinite(loss)  # one SDPA call per block
 
 
-def test_a_checkpoint_saved_before_the_kernels_moved_gives_the_same_logits_and_sample() -> None:
-    """tests/fixtures/run_before_package/best.pt, with the logits and the sample its code gave (expected.json)."""
+def test_a_checkpoint_saved_before_the_kernels_moved_gives_the_same_logits_and_sample(old_run) -> None:
+    """A best.pt in the layout of the code before bookgpt/kernels.py, with the logits and the sample that code gave."""
     from bookgpt.checkpoint import load_run
-    run = Path(__file__).parent / "fixtures" / "run_before_package"
-    expected = json.loads((run / "expected.json").read_text())
+    run, expected = old_run
     ckpt, info = load_run(run, "best")
     model, tok = GPT.from_checkpoint(ckpt, info["path"]), info["tokenizer"]
     idx = torch.tensor(tok.encode(expected["prompt"]))[None]

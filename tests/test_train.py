@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,14 +118,12 @@ def test_resume_continues_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_a_run_saved_before_the_package_layout_resumes_exactly(tmp_path: Path) -> None:
-    """tests/fixtures/run_before_package: 6 steps saved by the code before bookgpt/ and RunState (the same
-    checkpoint keys); resumed to step 8, it gives the losses that code gave, to the last digit."""
-    run = tmp_path / "run"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "run_before_package", run)
-    train_mod.main(["--init_from=resume", f"--out_dir={run}", f"--data_dir={run / 'data'}", "--max_iters=8"])
-    expected = json.loads((run / "expected.json").read_text())["resumed_train_losses"]
-    assert {str(r["iter"]): r["loss"] for r in records(run, "train") if r["iter"] > 6} == expected
+def test_a_run_saved_before_the_package_layout_resumes_exactly(old_run) -> None:
+    """A run folder in the layout of the code before bookgpt/ and RunState (the same checkpoint keys), 6 steps
+    in; resumed to step 8, it gives the losses that code gave, to the last digit."""
+    run, expected = old_run
+    train_mod.main(["--init_from=resume", f"--out_dir={run}", f"--data_dir={run.parent / 'data'}", "--max_iters=8"])
+    assert {str(r["iter"]): r["loss"] for r in records(run, "train") if r["iter"] > 6} == expected["resumed_train_losses"]
     assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 8
 
 
