@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import io
-import json
 import os
 import re
 import shlex
@@ -46,12 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from bookgpt.common import read_metrics
-from bookgpt.config import (GPTConfig, UserError, apply_overrides, atomic_write_json, cli, config_dict, format_help,
+from bookgpt.config import (UserError, apply_overrides, atomic_write_json, cli, config_dict, format_help,
                             opt, split_argv, to_flags, unknown_key)
 from bookgpt.sweeps import (Run, Sweep, check_keys, describe, finished_summary, load_sweep, read_record, result_row,
                             write_results)
 from bookgpt.tokenizer import prepare_hint
-from bookgpt.training import TrainConfig
+from bookgpt.training import TrainConfig, saved_config
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 # config.json keys that may differ between attempts of one run without changing what it trains
@@ -94,14 +93,11 @@ def config_changes(run: Run) -> list[str]:
     if not path.is_file():
         return []
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return [f"{path} is unreadable"]
-    now = json.loads(json.dumps(config_dict(run.cfg)))  # as saved: a list option's tuple is a list there
-    # a key the saved config lacks came later: its default is the old behaviour (a model key's: GPTConfig's, all off)
-    defaults = config_dict(TrainConfig()) | config_dict(GPTConfig())
-    return [f"{k}: {saved.get(k, defaults[k])!r} there vs {v!r} now" for k, v in now.items()
-            if k not in NOT_COMPARED and saved.get(k, defaults[k]) != v]
+        was = config_dict(saved_config(path))  # a key it lacks: the behaviour the run had (training.saved_config)
+    except UserError as e:
+        return [f"{path} is unreadable ({e})"]
+    now = config_dict(run.cfg)
+    return [f"{k}: {was[k]!r} there vs {v!r} now" for k, v in now.items() if k not in NOT_COMPARED and was[k] != v]
 
 
 # ----------------------------------------------------------------------------- running one training

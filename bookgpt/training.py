@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +19,8 @@ import torch
 from bookgpt.batches import Batches, Loader
 from bookgpt.checkpoint import checkpoint_path, newest_run
 from bookgpt.common import device_rng_state, read_metrics, set_device_rng_state
-from bookgpt.config import GPTConfig, UserError, atomic_write_bytes, opt, parse_config, split_argv
+from bookgpt.config import (GPTConfig, UserError, apply_overrides, atomic_write_bytes, opt, parse_config, read_toml,
+                            split_argv)
 from bookgpt.distill import Teacher, distill_loss
 from bookgpt.distributed import DDP, Dist
 from bookgpt.optim import OptimConfig, optimizer_step
@@ -238,6 +239,12 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
 
 # ----------------------------------------------------------------------------- the config a command line means
 
+def saved_config(path: Path) -> TrainConfig:
+    """A run's own config.json. A key it lacks came after the run and takes the behaviour the run had: the model's
+    keys GPTConfig's defaults (its depth-dependent levers off), not the recipe's that TrainConfig's defaults are."""
+    return apply_overrides(replace(TrainConfig(), **asdict(GPTConfig())), read_toml(path), where=f" in {path}")
+
+
 def load_config(argv: list[str]) -> TrainConfig:
     """The config a command line means, as parse_config reads it; with --init_from=resume, on top of the run's own
     config.json: `--init_from=resume --out_dir=RUN` resumes with nothing else, and a flag that would change the
@@ -248,8 +255,10 @@ def load_config(argv: list[str]) -> TrainConfig:
         run_dir = Path(out_dir) if out_dir else newest_run()
         saved = run_dir / "config.json"
         if saved.is_file():
-            cfg = parse_config(TrainConfig, [str(saved), *argv, f"--out_dir={run_dir}"])
-            was = parse_config(TrainConfig, [str(saved)])
+            cfg = was = saved_config(saved)
+            for f in files:
+                cfg = apply_overrides(cfg, read_toml(f), where=f" in {f}")
+            cfg = apply_overrides(cfg, {**overrides, "out_dir": str(run_dir)}, where=" on the command line")
             changed = [k for k in asdict(cfg) if k not in MAY_CHANGE_ON_RESUME and getattr(cfg, k) != getattr(was, k)]
             if changed:
                 pairs = ", ".join(f"{k}: {getattr(was, k)!r} there vs {getattr(cfg, k)!r} now" for k in changed)

@@ -124,6 +124,16 @@ def test_a_run_saved_before_the_package_layout_resumes_exactly(old_run) -> None:
     run, expected = old_run
     train_mod.main(["--init_from=resume", f"--out_dir={run}", f"--data_dir={run.parent / 'data'}", "--max_iters=8"])
     assert {str(r["iter"]): r["loss"] for r in records(run, "train") if r["iter"] > 6} == expected["resumed_train_losses"]
+
+
+def test_a_config_json_from_before_a_key_resumes_with_the_behaviour_it_had(old_run) -> None:
+    """A run saved before value_embeds and zero_init existed: the keys its config.json lacks take their old meaning
+    (off), not the recipe's defaults, so the resume neither changes the model nor refuses it."""
+    run, expected = old_run
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k not in ("value_embeds", "zero_init")}))
+    train_mod.main(["--init_from=resume", f"--out_dir={run}", f"--data_dir={run.parent / 'data'}", "--max_iters=8"])
+    assert {str(r["iter"]): r["loss"] for r in records(run, "train") if r["iter"] > 6} == expected["resumed_train_losses"]
     assert load_checkpoint(run / "ckpt.pt")["iter_num"] == 8
 
 
