@@ -1,6 +1,7 @@
 """The measured CPU kernels behind model.py's one switch, `kernels.install(model)` (GPT(config) calls it;
 GPT(config, cpu_kernels=False) is the textbook model). Each replaces a torch op only where it wins (docs/benchmarks.md,
-the 2-core AVX-512 machine) and is that op elsewhere: `dropout` (every dropout, on a CPU), `explicit_causal_attention`
+the 2-core AVX-512 machine) and is that op elsewhere: `dropout` (every dropout, on a CPU; its random draw is an
+operator of its own, `keep_mask`, so torch.compile takes the model in one graph), `explicit_causal_attention`
 (bf16/fp16 on a CPU, no KV cache), `Linear` + `sampling_weights` (an (in, out) weight layout while sampling on a CPU).
 """
 from __future__ import annotations
@@ -29,15 +30,28 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout with a faster mask on CPUs. torch draws a CPU mask one element at a time, 64 random bits each
     (its parallel Bernoulli is for Intel CPUs only): 40% of a bf16 training step here. Each 64-bit draw gives
     four 16-bit uniforms instead (p is kept to 1/65536), from the same seeded generator, so resume stays exact:
-    3x faster (docs/benchmarks.md, "What made it faster" 3)."""
+    3x faster (docs/benchmarks.md, "What made it faster" 3). Compiled, the mask's multiplication fuses with the
+    work around it."""
     if not training or p == 0:
         return x  # (F.dropout would too, one dispatch later: this runs twice per block per sampled token)
     if not 0 < p < 1 or x.device.type != "cpu":
         return F.dropout(x, p, training)
+    return x * keep_mask(x.detach(), p).to(x.dtype).mul_(1.0 / (1.0 - p))  # as F.dropout: 0 or 1/(1-p)
+
+
+@torch.library.custom_op("bookgpt::keep_mask", mutates_args=())
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool mask in x's shape, each element True with probability 1 - p: four 16-bit uniforms from each 64-bit
+    draw of the global generator. An operator of its own, so torch.compile calls it as it is, where eager would
+    (after x), and fuses the multiplication after it."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)[:n]
-    keep = bits.view(x.shape) >= round(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # as F.dropout: the mask holds 0 or 1/(1-p)
+    return bits.view(x.shape) >= round(p * 65536) - 32768
+
+
+@keep_mask.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.bool)
 
 
 class Dropout(nn.Dropout):

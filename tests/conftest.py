@@ -80,9 +80,9 @@ def tiny_train_args(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
     """Command-line arguments for a seconds-long train.py run of a tiny model."""
     args = {"data_dir": data_dir, "out_dir": out_dir, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
             "batch_size": 4, "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 1,
-            "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0, "threads": 1,
+            "warmup_iters": 2, "dtype": "float32", "device": "cpu", "dropout": 0.0, "threads": 1, "compile": False,
             "value_embeds": 0, "unet_skips": False, "zero_init": False,  # the defaults' levers need 6 layers
-            **overrides}  # one thread: tiny matmuls only lose time to threading
+            **overrides}  # one thread: tiny matmuls only lose time to threading; compiling would take longer than the run
     return [f"--{k}={v}" for k, v in args.items()]
 
 

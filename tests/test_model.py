@@ -278,6 +278,27 @@ def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
     assert torch.equal(dropout(x, 0.2, training=False), x) and torch.equal(dropout(x, 0.0), x)
 
 
+def test_the_model_with_dropout_compiles_as_one_graph_with_the_masks_eager_draws() -> None:
+    """kernels.dropout's random draw is an operator of its own (keep_mask): torch.compile traces the whole model with
+    every dropout in one graph (Tensor.random_ would break it at each one) and draws the masks eager draws, in the
+    same order from the same generator, so a compiled run and an eager one see the same dropout."""
+    model = tiny(dropout=0.3, value_embeds=1, unet_skips=True).train()
+    x = torch.randint(0, 37, (3, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    results = []
+    for m in (model, compiled):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with torch.autocast("cpu", torch.bfloat16):  # bf16: the explicit attention, with its probabilities' dropout
+            loss = m(x, x)[1]
+        loss.backward()
+        results.append((loss.detach(), torch.get_rng_state(), [p.grad.clone() for p in model.parameters()]))
+    (eager_loss, eager_rng, eager_grads), (loss, rng, grads) = results
+    assert torch.equal(rng, eager_rng)  # the same draws
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)  # another seed's masks: 5e-3 away
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, eager_grads))
+
+
 def test_drop_path_drops_whole_sequences_and_keeps_the_expectation() -> None:
     block = tiny(n_layer=2, drop_path=0.25).blocks[1].train()
     x = torch.ones(20_000, 3, 4, requires_grad=True)
