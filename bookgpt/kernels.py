@@ -61,16 +61,24 @@ class Dropout(nn.Dropout):
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
                               ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd), causal) v with the (T, T) scores written out. For bf16 on a CPU, forward +
-    backward at T=256: 2x faster than SDPA's CPU flash kernel, 3x than the math path SDPA takes with dropout
+    """softmax(q k^T / sqrt(hd), causal) v with the scores written out. For bf16 on a CPU, forward + backward at
+    T=256: 2x faster than SDPA's CPU flash kernel, 3x than the math path SDPA takes with dropout
     (docs/benchmarks.md, "What made it faster" 2). The CPU softmax accumulates bf16 in float32: the same
-    probabilities as upcasting first, in half the time."""
+    probabilities as upcasting first, in half the time. The queries go in up to four bands, each scored against
+    the keys up to its last position only: the scores above the diagonal, which the mask would zero, are mostly
+    never computed (at T=256, 62.5% of the (T, T) scores are), the same outputs in less time."""
     B, nh, T, hd = q.shape
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # 0 up to the diagonal
-    # mask and scale inside the product: no extra passes over the (T, T) scores
-    att = torch.baddbmm(future, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)
-    att = dropout(att.softmax(dim=-1), dropout_p)
-    return (att @ v.flatten(0, 1)).view(B, nh, T, hd)
+    q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    bands = max(1, min(4, T // 64))
+    bounds = [T * i // bands for i in range(bands + 1)]
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
+        # mask and scale inside the product: no extra passes over the scores
+        future = torch.full((end - start, end), float("-inf"), dtype=q.dtype, device=q.device).triu(1 + start)
+        att = torch.baddbmm(future, q[:, start:end], k[:, :end].transpose(1, 2), alpha=hd ** -0.5)
+        att = dropout(att.softmax(dim=-1), dropout_p)
+        out.append(att @ v[:, :end])
+    return torch.cat(out, dim=1).view(B, nh, T, hd)
 
 
 class Linear(nn.Linear):

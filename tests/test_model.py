@@ -168,6 +168,21 @@ def test_rope_preserves_norms_and_depends_on_relative_position() -> None:
     assert not torch.allclose(at(q, 9) @ at(k, 4), at(q, 9) @ at(k, 5))
 
 
+def test_rope_is_the_pair_rotation_written_out_to_the_bit() -> None:
+    """apply_rope's two products and a sum over whole heads give exactly the rotation of each pair (x1, x2)
+    (x1 cos - x2 sin, x1 sin + x2 cos) computed half by half, in float32 and from bf16 heads."""
+    torch.manual_seed(0)
+    hd, T, base = 16, 12, 10000.0
+    angles = torch.outer(torch.arange(T, dtype=torch.float32),
+                         1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)))
+    c, s = angles.cos(), angles.sin()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, T, hd).to(dtype)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        written_out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).to(dtype)
+        assert torch.equal(apply_rope(x, *rope_tables(hd, T, base)), written_out)
+
+
 def test_logit_softcap_bounds_logits() -> None:
     model = tiny(logit_softcap=2.0)
     with torch.no_grad():
@@ -259,6 +274,24 @@ def test_explicit_attention_matches_sdpa(monkeypatch: pytest.MonkeyPatch) -> Non
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss16 = model(idx, targets)
     assert loss16.item() == pytest.approx(loss32.item(), abs=0.02)
+
+
+@pytest.mark.parametrize("T", [256, 130])  # four bands of queries; two of uneven length
+def test_explicit_attention_in_bands_is_the_whole_causal_attention(T: int) -> None:
+    """Scoring bands of queries against the keys up to each band's end skips only scores the mask zeroes: the
+    values and gradients of SDPA's causal attention, and in bf16 the outputs of one (T, T) product."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16, requires_grad=True) for _ in range(3))
+    ours = explicit_causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    qb, kb, vb = (t.detach().bfloat16().flatten(0, 1) for t in (q, k, v))
+    future = torch.full((T, T), float("-inf"), dtype=torch.bfloat16).triu(1)
+    whole = torch.baddbmm(future, qb, kb.transpose(1, 2), alpha=16 ** -0.5).softmax(dim=-1) @ vb
+    torch.testing.assert_close(explicit_causal_attention(*(t.view(2, 3, T, 16) for t in (qb, kb, vb))),
+                               whole.view(2, 3, T, 16), rtol=0, atol=2e-3)
 
 
 def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
