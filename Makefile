@@ -33,7 +33,7 @@ test-fast: dev
 # prepare the book (prepare.py's defaults: a 2048-token BPE learned from it), train the 2-core CPU preset (~10 min),
 # evaluate it (the sampling temperature chosen on val prompts), and write three samples at that temperature
 # (a second make demo stops rather than overwrite the trained run: make clean first to retrain).
-# A quick try: make demo TRAIN_FLAGS="--max_iters=20" EVAL_FLAGS="--num_prompts=4 --baselines=false"
+# A quick try (compiling would take longer than 20 steps): make demo TRAIN_FLAGS="--max_iters=20 --compile=false" EVAL_FLAGS="--num_prompts=4 --baselines=false"
 TRAIN_FLAGS ?=
 EVAL_FLAGS ?=
 demo: install

@@ -16,7 +16,7 @@ from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_layer": 1, "value_embeds": 0, "unet_skips": False, "zero_init": False, "n_head": 2, "n_embd": 16,
-        "block_size": 16, "batch_size": 2, "dropout": 0.0,
+        "block_size": 16, "batch_size": 2, "dropout": 0.0, "compile": False,
         "device": "cpu", "threads": 1, "steps": 2, "warmup_steps": 1, "peak_size": 64,
         "sample_prompt": 6, "sample_tokens": 40}
 
