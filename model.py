@@ -31,20 +31,17 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 
 
 def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (length, head_dim) for rotary position embeddings: the head_dim/2 angles twice over,
-    the sines of the first half negated, so apply_rope is two products and a sum."""
+    """cos and sin of shape (length, head_dim/2) for rotary position embeddings."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x1, x2) = (x[..., i], x[..., i + hd/2]) by its position's angle: (x1 cos - x2 sin,
-    x2 cos + x1 sin), in float32. x: (B, nh, T, hd); cos, sin from rope_tables."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
+    """Rotate pairs (x1, x2) of the last dim by position-dependent angles. x: (B, nh, T, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
 
 
 class KVCache:

@@ -59,17 +59,18 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
-                              ) -> torch.Tensor:
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                              bands: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd), causal) v with the scores written out. For bf16 on a CPU, forward + backward at
     T=256: 2x faster than SDPA's CPU flash kernel, 3x than the math path SDPA takes with dropout
     (docs/benchmarks.md, "What made it faster" 2). The CPU softmax accumulates bf16 in float32: the same
-    probabilities as upcasting first, in half the time. The queries go in up to four bands, each scored against
-    the keys up to its last position only: the scores above the diagonal, which the mask would zero, are mostly
-    never computed (at T=256, 62.5% of the (T, T) scores are), the same outputs in less time."""
+    probabilities as upcasting first, in half the time. The queries go in `bands` bands (by default up to four,
+    of at least 64 queries), each scored against the keys up to its last position only: the scores above the
+    diagonal, which the mask would zero, are mostly never computed (at T=256, 62.5% of the (T, T) scores are),
+    the same outputs in less time (docs/benchmarks.md, "What made it faster" 6)."""
     B, nh, T, hd = q.shape
     q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    bands = max(1, min(4, T // 64))
+    bands = bands or max(1, min(4, T // 64))
     bounds = [T * i // bands for i in range(bands + 1)]
     out = []
     for start, end in zip(bounds, bounds[1:]):

@@ -168,21 +168,6 @@ def test_rope_preserves_norms_and_depends_on_relative_position() -> None:
     assert not torch.allclose(at(q, 9) @ at(k, 4), at(q, 9) @ at(k, 5))
 
 
-def test_rope_is_the_pair_rotation_written_out_to_the_bit() -> None:
-    """apply_rope's two products and a sum over whole heads give exactly the rotation of each pair (x1, x2)
-    (x1 cos - x2 sin, x1 sin + x2 cos) computed half by half, in float32 and from bf16 heads."""
-    torch.manual_seed(0)
-    hd, T, base = 16, 12, 10000.0
-    angles = torch.outer(torch.arange(T, dtype=torch.float32),
-                         1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)))
-    c, s = angles.cos(), angles.sin()
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(2, 3, T, hd).to(dtype)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        written_out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).to(dtype)
-        assert torch.equal(apply_rope(x, *rope_tables(hd, T, base)), written_out)
-
-
 def test_logit_softcap_bounds_logits() -> None:
     model = tiny(logit_softcap=2.0)
     with torch.no_grad():
