@@ -45,7 +45,7 @@ from bookgpt.eval.mixture import NgramMixture, ensemble
 from bookgpt.eval.report import Evaluation, overfitting_summary, print_summary, write
 from bookgpt.eval.textstats import (COPY_CAP, MISSPELL_CAP, TrainIndex, against_caps, choose_temperature, judge,
                                     within_caps)
-from bookgpt.sampling import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file
+from bookgpt.sampling import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file, utf8_guard
 from bookgpt.tokenizer import read_meta
 from model import GPT
 
@@ -269,7 +269,8 @@ def continue_prompts(ctx: Context, name: str, temperature: float) -> tuple[list[
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     with autocast(ctx.device, ctx.dtype):
         rows = ctx.model.generate(x, cfg.gen_tokens, temperature=temperature, top_k=cfg.top_k or None,
-                                  top_p=cfg.top_p if cfg.top_p < 1 else None, generator=gen).tolist()
+                                  top_p=cfg.top_p if cfg.top_p < 1 else None, generator=gen,
+                                  allowed=utf8_guard(tok, ctx.model.config.vocab_size)).tolist()
     fed, gens = [tok.decode(r[:keep]) for r in rows], [tok.decode(r[keep:]) for r in rows]
     return fed, gens, [text[s + len(p):s + len(p) + len(g)] for s, p, g in zip(starts, prompts, gens)]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -294,17 +295,20 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                         top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None, use_cache: bool = True):
+                        generator: torch.Generator | None = None, use_cache: bool = True,
+                        allowed: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         """Yield the next token ids (B,) one step at a time. The context window moves in jumps: when it is
         full, the oldest quarter is dropped and the rest is re-read (into the cache, or recomputed without
-        one), so every token sees at least 3/4 of block_size of context and the cache never changes the output."""
+        one), so every token sees at least 3/4 of block_size of context and the cache never changes the output.
+        `allowed(seq, tokens_left_after_this_one)` -> (B, vocab) bool, if given, says which tokens may come next
+        (bookgpt/sampling.py's Utf8Guard keeps byte-level samples valid UTF-8)."""
         block = self.config.block_size
         keep = block - max(1, block // 4)
         seq = idx
         window = max(0, seq.size(1) - block)  # index of the first token in the context window
         cache = None
         with self.sampling_weights():
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 if seq.size(1) - window > block:  # full: jump the window forward
                     window = seq.size(1) - keep
                     cache = None
@@ -314,27 +318,29 @@ class GPT(nn.Module):
                     if use_cache:
                         cache = self.new_cache(seq.size(0), seq.device)
                     logits, _ = self(seq[:, window:], cache=cache)
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                mask = allowed(seq, max_new_tokens - 1 - i) if allowed is not None else None
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, mask)
                 seq = torch.cat((seq, nxt[:, None]), dim=1)
                 yield nxt
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 allowed: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
+                                        allowed))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1) if new else idx
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits (B, V); temperature <= 0 is greedy (argmax). Draws exactly one uniform number per
-    row from `generator`, so two runs with the same seed make the same choices whatever path computed the logits."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                     top_p: float | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, V) a token is drawn from: the tokens `allowed` (a (B, V) bool mask) only, at
+    `temperature` (> 0), cut to the top_k and to the top_p of the mass, renormalised."""
+    logits = logits.float() / temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -345,6 +351,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | Non
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(probs.size(-1) - 1)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V); temperature <= 0 is greedy (argmax). Draws exactly one uniform number per
+    row from `generator`, so two runs with the same seed make the same choices whatever path computed the logits."""
+    if temperature <= 0:
+        logits = logits.float()
+        return (logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))).argmax(dim=-1)
+    cdf = next_token_probs(logits, temperature, top_k, top_p, allowed).cumsum(dim=-1)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(cdf.size(-1) - 1)

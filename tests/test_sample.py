@@ -12,7 +12,8 @@ import torch
 from conftest import load_model
 from bookgpt.config import parse_config
 from conftest import tiny_train_args
-from bookgpt.sampling import stream_text
+from bookgpt.sampling import stream_text, utf8_guard
+from model import GPTConfig
 from train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,8 @@ def test_stream_joins_to_the_generated_text(tiny_run: Path) -> None:
 class SplitUTF8:
     """A stand-in tokenizer whose tokens are single bytes, so characters arrive in pieces."""
 
+    vocab_size = 256
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
@@ -110,6 +113,7 @@ def test_stream_holds_back_partial_utf8_characters() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
+            self.config = GPTConfig(vocab_size=256)
             self.script = [0xC3, 0xA9, ord("!")]
 
         def generate_stream(self, idx, n, *args, **kwargs):
@@ -126,7 +130,7 @@ def test_stream_keeps_autocast_when_another_thread_advances_it(monkeypatch: pyte
     cache with float32 weights and fails; stream_text enters autocast for every step."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from model import GPT, GPTConfig
+    from model import GPT
     monkeypatch.setattr(GPT, "sampling_weights", lambda self: contextlib.nullcontext())  # as on CUDA
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
@@ -136,5 +140,5 @@ def test_stream_keeps_autocast_when_another_thread_advances_it(monkeypatch: pyte
         while (piece := pool.submit(next, stream, None).result()) is not None:
             pieces.append(piece)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the same tokens as one thread gives
-        want = model.generate(torch.tensor([list(b"Prince")]), 12, temperature=0)
-    assert "".join(pieces) == bytes(want[0, 6:].tolist()).decode("utf-8", errors="replace")
+        want = model.generate(torch.tensor([list(b"Prince")]), 12, temperature=0, allowed=utf8_guard(SplitUTF8(), 256))
+    assert "".join(pieces) == bytes(want[0, 6:].tolist()).decode("utf-8")
