@@ -45,6 +45,7 @@ from bookgpt.eval.mixture import NgramMixture, ensemble
 from bookgpt.eval.report import Evaluation, overfitting_summary, print_summary, write
 from bookgpt.eval.textstats import (COPY_CAP, MISSPELL_CAP, TrainIndex, against_caps, choose_temperature, judge,
                                     within_caps)
+from bookgpt.eval.twosample import HEADLINE, require_sklearn, two_sample_test
 from bookgpt.sampling import TOP_K, TOP_P, check_sampling, run_temperature, sampling_file, utf8_guard
 from bookgpt.tokenizer import read_meta
 from model import GPT
@@ -83,6 +84,10 @@ class EvalConfig:
                                              "copy and misspelling caps is used on the headline split and saved")
     top_k: int = opt(TOP_K, "top-k sampling, 0 = off (sample.py's default)")
     top_p: float = opt(TOP_P, "nucleus sampling, 1 = off (sample.py's default)")
+    two_sample_chars: int = opt(400, "the two-sample test of style: a classifier tells the generated continuations "
+                                     "from the real ones in pieces of this many characters (0 = off; needs "
+                                     "scikit-learn); with several temperatures, the least distinguishable within "
+                                     "the caps is chosen")
     seed: int = opt(1, "seed for prompt positions and sampling")
 
     def check(self, vocab_size: int = 2) -> None:
@@ -101,8 +106,10 @@ class EvalConfig:
             raise UserError(f"bad value for 'dynamic_method': {self.dynamic_method!r}; use sgd or rms")
         if not 1 <= self.ngram_order <= 8:
             raise UserError(f"ngram_order must be 1..8 (byte n-grams are packed into 64 bits), got {self.ngram_order}")
-        if self.num_prompts < 0 or self.prompt_chars < 1:
-            raise UserError("num_prompts must be >= 0 and prompt_chars >= 1")
+        if self.num_prompts < 0 or self.prompt_chars < 1 or self.two_sample_chars < 0:
+            raise UserError("num_prompts and two_sample_chars must be >= 0 and prompt_chars >= 1")
+        if self.num_prompts and self.two_sample_chars:
+            require_sklearn()
         if self.num_prompts:
             for t in self.temperature:
                 check_sampling(self.gen_tokens, t, self.top_k, self.top_p)
@@ -290,8 +297,14 @@ def sampling_temperature(ctx: Context, index: TrainIndex) -> dict[str, Any]:
         ctx.log(f"continuing {cfg.num_prompts} val prompts at temperature {t:g}...")
         _, gens, refs = continue_prompts(ctx, "val", t)
         trials.append({"temperature": t, **against_caps(*judge(index, gens, refs))})
+        told = ""
+        if cfg.two_sample_chars:
+            test = two_sample_test(gens, refs, cfg.two_sample_chars, features=(HEADLINE,))
+            if "generated_vs_real" in test:
+                trials[-1]["distinguishable"] = test["generated_vs_real"][HEADLINE]
+                told = f"; a classifier tells them apart {trials[-1]['distinguishable']:.2f} of the time"
         ctx.log(f"  copies {trials[-1]['copy_ratio']:.2f}x and misspells {trials[-1]['misspell_ratio']:.2f}x "
-                "as often as the real continuations")
+                f"as often as the real continuations{told}")
     chosen = choose_temperature(trials)
     record = {"temperature": chosen["temperature"], "chosen_on": "val", "num_prompts": cfg.num_prompts,
               "gen_tokens": cfg.gen_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed,
@@ -332,7 +345,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
             ensembled["mixture"] = mix(ensemble_nll, scored, cfg.split, of="the ensemble")
 
     # -- 3. generation, memorisation, style and themes (textstats.py): at a temperature chosen on val prompts if asked
-    samples, mem, style, sampling = [], {}, {}, {}
+    samples, mem, style, sampling, told = [], {}, {}, {}, {}
     if cfg.num_prompts > 0:
         index = TrainIndex(ctx.train_text)
         sampling = sampling_temperature(ctx, index)
@@ -345,6 +358,11 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
         mem, style = judge(index, gens, refs, book=ctx.train_text, seed=cfg.seed)
         ctx.timings["memorisation, style and themes"] = time.perf_counter() - t0
         sampling.update(against_caps(mem, style))  # on the headline split's prompts
+        if cfg.two_sample_chars:
+            t0 = time.perf_counter()
+            log(f"the two-sample test of style ({cfg.two_sample_chars}-character pieces)...")
+            told = two_sample_test(gens, refs, cfg.two_sample_chars, control_text=ctx.texts[cfg.split], seed=cfg.seed)
+            ctx.timings["two-sample test"] = time.perf_counter() - t0
 
     # -- 4. curves
     records, _ = read_metrics(ctx.out_dir / "metrics.jsonl")
@@ -362,7 +380,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
                   "dtype": ctx.dtype},
         likelihood=scored[cfg.split]["likelihood"], dynamic=dynamic, mixture=mixture, ensemble=ensembled,
         baselines=scored[cfg.split].get("baselines", {}), splits=scored, sampling=sampling, memorisation=mem,
-        style=style, curves=overfitting_summary(eval_rows), samples=samples, timings=ctx.timings)
+        style=style, curves=overfitting_summary(eval_rows), samples=samples, timings=ctx.timings, two_sample=told)
     write(ev, train_rows, eval_rows)
     return ev
 

@@ -426,7 +426,8 @@ def check_evaluate(c: Checker) -> str:
     path = run_dir(c) / "eval.json"
     path.unlink(missing_ok=True)  # an earlier one must not pass this check
     c.run("evaluate", ["evaluate.py", f"--out_dir={rel(run_dir(c))}", f"--device={c.cfg.device}",
-                       "--num_prompts=2", "--gen_tokens=50", "--baselines=false"])
+                       "--num_prompts=2", "--gen_tokens=50", "--baselines=false",
+                       "--two_sample_chars=0"])  # the classifier runs on the CPU alone: nothing here for a GPU
     if not path.is_file():
         raise Failed(f"evaluate.py exited 0 but wrote no {rel(path)}")
     ev = json.loads(path.read_text(encoding="utf-8"))

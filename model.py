@@ -65,6 +65,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout_p = config.dropout  # of the attention probabilities, inside the attention call
         self.resid_dropout = nn.Dropout(config.dropout)
         self.cpu_attention = None  # kernels.install: its explicit_causal_attention, for bf16 on a CPU
+        self.gate = nn.Linear(config.n_embd, config.n_head, bias=False) if config.attn_gate else None
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = make_norm(config, self.head_dim)
@@ -100,6 +101,8 @@ class CausalSelfAttention(nn.Module):
             y = self.cpu_attention(q, k, v, dropout_p)  # kernels.explicit_causal_attention
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, dropout_p=dropout_p)
+        if self.gate is not None:  # each head's output scaled by its gate for this token (Qiu et al., 2025)
+            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1).to(y.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -326,6 +326,8 @@ class GPTConfig:
     unet_skips: bool = opt(False, "U-net skips: each block of the second half also reads the output of its mirror "
                                   "in the first half, times a learned weight")
     zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
+    attn_gate: bool = opt(False, "per-head attention output gates: each head's output times a sigmoid of a learned "
+                                 "projection of the block's input (about 0.5 at the start)")
     drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
                                 "branch for a sequence, from 0 at the first block rising linearly to this at the last")
 

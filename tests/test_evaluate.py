@@ -274,6 +274,7 @@ def test_end_to_end_report(tiny_eval_run: tuple[Path, Path], capsys: pytest.Capt
     assert len(saved["samples"]) == 3 and all(len(s["generated"]) == 60 for s in saved["samples"])
     assert all(len(s["reference"]) == 60 for s in saved["samples"])
     assert 0.0 <= saved["memorisation"]["generated"]["char30_share"] <= 1.0
+    assert "skipped" in saved["two_sample"]  # 3 prompts: too few for 5 folds, and the report says so
     assert saved["curves"]["evals"] == 4 and saved["curves"]["best_iter"] in (0, 10, 20, 30)
     report = (run / "report.md").read_text(encoding="utf-8")
     for heading in ("## Held-out likelihood", "## Baselines", "## Overfitting", "## Memorisation", "## Style",
@@ -422,13 +423,14 @@ def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: t
         seen.append((name, temperature))
         return real(ctx, name, temperature)
     monkeypatch.setattr(E, "continue_prompts", spy)
-    args = [f"--out_dir={run}", "--num_prompts=3", "--gen_tokens=60", "--prompt_chars=50", "--baselines=false",
-            "--dtype=float32"]
+    args = [f"--out_dir={run}", "--num_prompts=5", "--gen_tokens=60", "--prompt_chars=50", "--baselines=false",
+            "--dtype=float32", "--two_sample_chars=20"]
     try:
         ev = E.main(args + ["--temperature=0.3,1.6"])
         sampling = ev["sampling"]
         trials = sampling["trials"]
         assert [t["temperature"] for t in trials] == [0.3, 1.6] and sampling["source"] == "chosen on val"
+        assert all(0.0 <= t["distinguishable"] <= 1.0 for t in trials)  # each temperature's two-sample test on val
         assert sampling["temperature"] == choose_temperature(trials)["temperature"]
         assert seen == [("val", 0.3), ("val", 1.6), ("test", sampling["temperature"])]  # chosen on val, shown on test
         saved = json.loads((run / "sampling.json").read_text(encoding="utf-8"))
@@ -436,7 +438,10 @@ def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: t
         assert sample.run_temperature(run) == sampling["temperature"]
         assert {"copy_ratio", "misspell_ratio"} <= set(sampling)  # the test prompts' own ratios, reported
         report_md = (run / "report.md").read_text(encoding="utf-8")
-        assert "The temperature was chosen on 3 val prompts" in report_md and " (chosen) |" in report_md
+        assert "The temperature was chosen on 5 val prompts" in report_md and " (chosen) |" in report_md
+        ts = ev["two_sample"]  # on the test prompts, with its real-vs-real control
+        assert ts["prompts"] == 5 and ts["pieces"] == 15 and set(ts["real_vs_real"]) == set(ts["generated_vs_real"])
+        assert "## Can a reader tell?" in report_md and "| told apart |" in report_md
         # later evaluations (and sample.py, app.py) use the run's own temperature: the same samples again
         again = E.main(args)
         assert again["sampling"]["source"] == "the run's own" and again["samples"] == ev["samples"]
@@ -488,6 +493,7 @@ def test_list_options_are_typed_from_the_command_line_and_toml(tmp_path: Path) -
                                        ("--mix_ngram=12", r"orders must be 1..\d+ for a vocabulary of"),
                                        ("--temperature=hot,cold", "bad value for 'temperature'"),
                                        ("--temperature=0.7,0.9", "choosing a temperature needs prompts"),
+                                       ("--two_sample_chars=-5", "two_sample_chars must be >= 0"),
                                        ("--data_dir=/nonexistent", "not found")])
 def test_bad_options_are_user_errors(tiny_eval_run: tuple[Path, Path], arg: str, says: str) -> None:
     run, _ = tiny_eval_run

@@ -19,6 +19,7 @@ VARIANTS = {
     "relu2": dict(mlp="relu2", bias=True, qk_norm=False),
     "levers": dict(value_embeds=1, unet_skips=True),  # the speedrun's levers; zero_init below
     "gpt2_levers": dict(**GPT2, value_embeds=1, unet_skips=True),  # its cache stores the values as computed
+    "attn_gate": dict(attn_gate=True),
 }
 
 
@@ -459,3 +460,25 @@ def test_a_checkpoint_saved_before_the_kernels_moved_gives_the_same_logits_and_s
     torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), rtol=0, atol=1e-4)
     out = model.generate(idx, 40, temperature=1.0, generator=torch.Generator().manual_seed(1))
     assert tok.decode(out[0].tolist()) == expected["sample_seed1_t1"]
+
+
+def test_attention_gates_scale_each_heads_output() -> None:
+    """A gate per head and token, sigmoid(x W): zero weights halve every head's output; a gate's weight row moves
+    only its own head; off (the default) the model has no gate parameters."""
+    gated, plain = tiny(attn_gate=True), tiny()
+    assert sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * 2 * 32
+    attn, ref = gated.blocks[0].attn, plain.blocks[0].attn
+    ref.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("gate")})
+    x = torch.randn(3, 16, 32)
+    captured = {}
+    hook = lambda name: (lambda module, args, out: captured.__setitem__(name, args[0]))
+    attn.c_proj.register_forward_hook(hook("gated")), ref.c_proj.register_forward_hook(hook("plain"))
+    with torch.no_grad():
+        attn.gate.weight.zero_()
+        rope = (gated.rope_cos, gated.rope_sin)
+        attn(x, rope), ref(x, rope)
+        torch.testing.assert_close(captured["gated"], 0.5 * captured["plain"])
+        attn.gate.weight[1] = torch.randn(32)  # head 1's gate moves; head 0 (the first 16 channels) stays at 0.5
+        attn(x, rope)
+        torch.testing.assert_close(captured["gated"][..., :16], 0.5 * captured["plain"][..., :16])
+        assert not torch.allclose(captured["gated"][..., 16:], 0.5 * captured["plain"][..., 16:])

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from bookgpt.config import UserError, atomic_write_bytes, atomic_write_json
 from bookgpt.eval.baselines import baseline_label
 from bookgpt.eval.textstats import COPY_CAP, MISSPELL_CAP, NAMES
+from bookgpt.eval.twosample import HEADLINE
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Evaluation:
     curves: dict[str, Any]           # overfitting_summary of metrics.jsonl
     samples: list[dict[str, str]]    # each prompt, its generated and its real continuation
     timings: dict[str, float]        # seconds per stage
+    two_sample: dict[str, Any] = field(default_factory=dict)  # can a classifier tell generated from real ({} = off)
 
 
 def _png(fig: Any) -> bytes:
@@ -130,11 +132,29 @@ def temperature_table(sampling: dict[str, Any]) -> list[str]:
     """The temperatures tried on val prompts, when the temperature was chosen there."""
     if not sampling.get("trials"):
         return []
+    told = all("distinguishable" in t for t in sampling["trials"])
     rows = [(f"{t['temperature']:g}" + (" (chosen)" if t["temperature"] == sampling["temperature"] else ""),
-             f"{t['copy_ratio']:.2f}x", f"{t['misspell_ratio']:.2f}x") for t in sampling["trials"]]
-    return [f"The temperature was chosen on {sampling['num_prompts']} val prompts: the highest whose samples stay "
-            "within both caps (or, if none does, the nearest), saved as the run's own for sample.py and app.py.", "",
-            _md_table(("temperature", "copies vs real (val)", "misspells vs real (val)"), rows), ""]
+             f"{t['copy_ratio']:.2f}x", f"{t['misspell_ratio']:.2f}x")
+            + ((f"{t['distinguishable']:.2f}",) if told else ()) for t in sampling["trials"]]
+    rule = ("the one a classifier tells from the real text least often of those whose samples stay within both caps"
+            if told else "the highest whose samples stay within both caps")
+    return [f"The temperature was chosen on {sampling['num_prompts']} val prompts: {rule} (or, if none does, the "
+            "nearest the caps), saved as the run's own for sample.py and app.py.", "",
+            _md_table(("temperature", "copies vs real", "misspells vs real") + (("told apart",) if told else ()),
+                      rows), ""]
+
+
+def two_sample_lines(ts: dict[str, Any]) -> list[str]:
+    """The two-sample test of style in a sentence, and its table."""
+    if "skipped" in ts:
+        return [f"Two-sample test of style: skipped ({ts['skipped']}).", ""]
+    rows = [(name, f"{acc:.2f}", f"{ts['real_vs_real'][name]:.2f}") for name, acc in ts["generated_vs_real"].items()]
+    return [f"A classifier (TF-IDF n-grams, logistic regression) tells {ts['pieces']} generated pieces of "
+            f"{ts['chars']} characters from the real continuation's pieces at the same places "
+            f"{ts['generated_vs_real'][HEADLINE]:.2f} of the time ({ts['folds']}-fold cross-validation over "
+            f"{ts['prompts']} prompts, each prompt held out whole; 0.50 = it cannot tell). The control, real pieces "
+            f"against other real passages: {ts['real_vs_real'][HEADLINE]:.2f}.", "",
+            _md_table(("features", "generated vs real", "real vs real (control)"), rows), ""]
 
 
 def style_rows(st: dict[str, dict]) -> list[tuple[str, str, str, str]]:
@@ -295,6 +315,7 @@ def generations_md(ev: Evaluation) -> list[str]:
           _md_table(("measure", "generated", "real continuation"), memo_rows(ev.memorisation)), "",
           "Longest verbatim span in the generated text:", "",
           _fence(ev.memorisation["generated"]["longest_span_text"]), "",
+          *(["## Can a reader tell?", "", *two_sample_lines(ev.two_sample)] if ev.two_sample else []),
           "## Style", "", _md_table(columns, style_rows(st)), "",
           f"Names per 1000 words (book / generated / real): {names}", "",
           "## Themes", "",
@@ -346,6 +367,11 @@ def print_summary(ev: Evaluation) -> None:
     if ev.samples:
         print(f"at temperature {ev.sampling['temperature']:g} ({ev.sampling['source']}): {caps_line(ev.sampling)}")
         table(("memorisation", "generated", "real"), memo_rows(ev.memorisation), 10)
+        if ts := ev.two_sample:
+            print(f"two-sample test: skipped ({ts['skipped']})" if "skipped" in ts else
+                  f"a classifier tells generated from real {ts['generated_vs_real'][HEADLINE]:.2f} of the time "
+                  f"(real from real: {ts['real_vs_real'][HEADLINE]:.2f}; {HEADLINE}, {ts['pieces']} pieces of "
+                  f"{ts['chars']} characters)")
         table(("style", "book", "generated", "real"), style_rows(ev.style) + theme_rows(ev.style["themes"]), 10)
     if (ov := ev.curves).get("evals"):
         print(f"val stopped improving at step {ov['best_iter']} ({ov['best_val_loss']:.4f}); "

@@ -313,9 +313,10 @@ def within_caps(ratios: dict[str, float]) -> bool:
 
 
 def choose_temperature(trials: list[dict[str, float]]) -> dict[str, float]:
-    """The highest temperature whose samples stay within both caps: the model's own distribution as far as it
-    goes without copying the book or misspelling too much. If none does, the one nearest the caps."""
+    """Of the temperatures whose samples stay within both caps (not copying the book or misspelling too much),
+    the one a classifier tells from the real text least often ("distinguishable", when the two-sample test ran),
+    else the highest: the model's own distribution as far as it goes. If none is within, the one nearest the caps."""
     within = [t for t in trials if within_caps(t)]
     if within:
-        return max(within, key=lambda t: t["temperature"])
+        return min(within, key=lambda t: (t.get("distinguishable", 0.0), -t["temperature"]))
     return min(trials, key=lambda t: max(t["copy_ratio"] / COPY_CAP, t["misspell_ratio"] / MISSPELL_CAP))
