@@ -299,7 +299,7 @@ def sampling_temperature(ctx: Context, index: TrainIndex) -> dict[str, Any]:
         trials.append({"temperature": t, **against_caps(*judge(index, gens, refs))})
         told = ""
         if cfg.two_sample_chars:
-            test = two_sample_test(gens, refs, cfg.two_sample_chars, features=(HEADLINE,))
+            test = two_sample_test(gens, refs, cfg.two_sample_chars, control=False, features=(HEADLINE,))
             if "generated_vs_real" in test:
                 trials[-1]["distinguishable"] = test["generated_vs_real"][HEADLINE]
                 told = f"; a classifier tells them apart {trials[-1]['distinguishable']:.2f} of the time"
@@ -361,7 +361,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = print) -> Evaluation:
         if cfg.two_sample_chars:
             t0 = time.perf_counter()
             log(f"the two-sample test of style ({cfg.two_sample_chars}-character pieces)...")
-            told = two_sample_test(gens, refs, cfg.two_sample_chars, control_text=ctx.texts[cfg.split], seed=cfg.seed)
+            told = two_sample_test(gens, refs, cfg.two_sample_chars)
             ctx.timings["two-sample test"] = time.perf_counter() - t0
 
     # -- 4. curves

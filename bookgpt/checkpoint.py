@@ -177,7 +177,8 @@ def check_resumable(ckpt: dict[str, Any], model_cfg: GPTConfig, meta: dict[str, 
     if diff:
         raise UserError(f"cannot resume from {path}: it was trained on other data than {meta.get('source', 'data_dir')} "
                         f"({diff}); pass the run's --data_dir")
-    saved = ckpt["model_config"]
+    # a key an older checkpoint lacks was added later, its default the model the checkpoint had
+    saved = {**{f.name: f.default for f in dataclasses.fields(GPTConfig)}, **ckpt["model_config"]}
     changed = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
     if changed:
         pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(model_cfg, k)!r}" for k in changed)

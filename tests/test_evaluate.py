@@ -441,6 +441,7 @@ def test_temperature_chosen_on_val_prompts_becomes_the_runs_own(tiny_eval_run: t
         assert "The temperature was chosen on 5 val prompts" in report_md and " (chosen) |" in report_md
         ts = ev["two_sample"]  # on the test prompts, with its real-vs-real control
         assert ts["prompts"] == 5 and ts["pieces"] == 15 and set(ts["real_vs_real"]) == set(ts["generated_vs_real"])
+        assert ts["real_vs_real"]["char 1-5-grams"] is None  # 2 pairs of prompts: too few for its 5 folds
         assert "## Can a reader tell?" in report_md and "| told apart |" in report_md
         # later evaluations (and sample.py, app.py) use the run's own temperature: the same samples again
         again = E.main(args)

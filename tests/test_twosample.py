@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bookgpt.eval.textstats import choose_temperature
-from bookgpt.eval.twosample import FOLDS, distinguishability, other_passages, pieces, two_sample_test
+from bookgpt.eval.twosample import FOLDS, distinguishability, pieces, two_sample_test
 
 
 def passages(text: str, n: int, chars: int, seed: int) -> list[str]:
@@ -30,8 +30,6 @@ def test_pieces_are_cut_at_the_same_places_and_grouped_by_prompt() -> None:
     gen, ref = ["abcdefghij", "klmnopq"], ["ABCDEFGHIJKL", "KLMNO"]
     a, b, groups = pieces(gen, ref, 3)
     assert a == ["abc", "def", "ghi", "klm"] and b == ["ABC", "DEF", "GHI", "KLM"] and groups == [0, 0, 0, 1]
-    others = other_passages("x" * 50 + "y" * 50, b, seed=3)
-    assert [len(o) for o in others] == [3, 3, 3, 3]
 
 
 def test_too_few_prompts_skip_the_test_with_the_reason() -> None:
@@ -40,12 +38,14 @@ def test_too_few_prompts_skip_the_test_with_the_reason() -> None:
 
 
 def test_a_sample_that_copies_its_prompts_real_continuation_is_not_told(book_text: str) -> None:
-    """Every piece of a prompt stays in one fold: a generated text equal to the real one scores 0.5, not more."""
-    real = passages(book_text, 20, 800, seed=4)
-    out = two_sample_test(real, real, 400, control_text=book_text, seed=5)
-    assert out["prompts"] == 20 and out["pieces"] == 40
+    """Every piece of a prompt stays in one fold: a generated text equal to the real one scores 0.5, not more;
+    the control (even prompts' real continuations against the odd ones', neighbours in the text) is chance."""
+    start = len(book_text) // 10
+    real = [book_text[start + i * 1000:start + i * 1000 + 800] for i in range(40)]  # prompts in order, no overlap
+    out = two_sample_test(real, real, 400)
+    assert out["prompts"] == 40 and out["pieces"] == 80 and out["control_pieces"] == 40
     assert all(acc <= 0.5 for acc in out["generated_vs_real"].values())
-    assert set(out["real_vs_real"]) == set(out["generated_vs_real"])
+    assert all(0.3 <= acc <= 0.7 for acc in out["real_vs_real"].values())
 
 
 def test_the_temperature_within_the_caps_that_reads_most_like_the_book_is_chosen() -> None:
