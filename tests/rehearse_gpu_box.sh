@@ -26,12 +26,12 @@ say() { printf '\n== %s\n' "$*"; }
 fail() { echo "REHEARSAL FAILED: $*" >&2; exit 1; }
 offline() { unshare -n bash -c 'ip link set lo up && cd "$0" && PATH="$1/bin:$PATH" && shift && "$@"' "$WORK/repo" "$VENV" "$@"; }
 
-say "setup (online): a venv with torch $TORCH and what a GPU image has, rustbpe's wheel to carry"
+say "setup (online): a venv with torch $TORCH and what a GPU image has, rustbpe's and scikit-learn's wheels to carry"
 mkdir -p "$WORK"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==$TORCH" numpy tiktoken matplotlib requests tqdm nbclient nbformat ipykernel
-"$VENV/bin/python" -m pip uninstall -q -y rustbpe 2>/dev/null || true  # the box has none
-"$VENV/bin/python" -m pip download -q rustbpe --only-binary=:all: -d "$WORK/wheels"
+"$VENV/bin/python" -m pip uninstall -q -y rustbpe scikit-learn 2>/dev/null || true  # the box has neither
+"$VENV/bin/python" -m pip download -q rustbpe scikit-learn --only-binary=:all: -d "$WORK/wheels"
 cp "$BOOK" "$WORK/pg2600.txt"
 rm -rf "$WORK/repo" && git clone -q "$ROOT" "$WORK/repo"
 "$VENV/bin/python" -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__)"
@@ -55,8 +55,8 @@ set -e
 cat "$WORK/2.err"
 [ "$rc" = 2 ] && grep -q "^error: rustbpe is not installed" "$WORK/2.err" || fail "no one-line rustbpe error (exit $rc)"
 
-say "3. the carried wheel, installed offline; then every check a CPU can make"
-offline python -m pip install -q --no-index --find-links="$WORK/wheels" rustbpe
+say "3. the carried wheels, installed offline; then every check a CPU can make"
+offline python -m pip install -q --no-index --find-links="$WORK/wheels" rustbpe scikit-learn
 offline python gpu_check.py --device=cpu --tiny --input="$WORK/pg2600.txt" --steps=40 | tee "$WORK/3.out"
 grep -q "^app .*passed" "$WORK/3.out" || fail "gpu_check.py --device=cpu --tiny did not pass"
 
