@@ -54,3 +54,20 @@ def test_the_temperature_within_the_caps_that_reads_most_like_the_book_is_chosen
     assert choose_temperature([t(0.6, 0.95), t(0.7, 0.90), t(0.8, 0.92)])["temperature"] == 0.7
     assert choose_temperature([t(0.7, 0.90), t(0.9, 0.80, misspell=2.0)])["temperature"] == 0.7  # 0.9 misspells
     assert choose_temperature([t(0.7, 0.90), t(0.8, 0.90)])["temperature"] == 0.8  # a tie: the warmer
+
+
+def test_without_scikit_learn_evaluate_says_how_to_get_it_or_skip_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from bookgpt.config import UserError
+    from bookgpt.eval.twosample import require_sklearn
+    real_import = builtins.__import__
+
+    def no_sklearn(name: str, *args, **kwargs):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.raises(UserError, match=r"pip install scikit-learn .*--two_sample_chars=0"):
+        require_sklearn()
