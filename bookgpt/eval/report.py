@@ -144,18 +144,22 @@ def temperature_table(sampling: dict[str, Any]) -> list[str]:
                       rows), ""]
 
 
+def _acc(x: float | None) -> str:
+    """An accuracy of the two-sample test, or '-' where too few prompts left it unmeasured."""
+    return "-" if x is None else f"{x:.2f}"
+
+
 def two_sample_lines(ts: dict[str, Any]) -> list[str]:
     """The two-sample test of style in a sentence, and its table."""
     if "skipped" in ts:
         return [f"Two-sample test of style: skipped ({ts['skipped']}).", ""]
-    acc = lambda x: "-" if x is None else f"{x:.2f}"
-    rows = [(name, acc(told), acc(ts["real_vs_real"][name])) for name, told in ts["generated_vs_real"].items()]
+    rows = [(name, _acc(told), _acc(ts["real_vs_real"][name])) for name, told in ts["generated_vs_real"].items()]
     return [f"A classifier (TF-IDF n-grams, logistic regression) tells {ts['pieces']} generated pieces of "
             f"{ts['chars']} characters from the real continuation's pieces at the same places "
-            f"{acc(ts['generated_vs_real'][HEADLINE])} of the time ({ts['folds']}-fold cross-validation over "
+            f"{_acc(ts['generated_vs_real'][HEADLINE])} of the time ({ts['folds']}-fold cross-validation over "
             f"{ts['prompts']} prompts, each prompt held out whole; 0.50 = it cannot tell). The control, the real "
             f"continuations of the even-numbered prompts against the odd-numbered ones' ({ts['control_pieces']} "
-            f"pieces a side; the prompts lie in order through the split): {acc(ts['real_vs_real'][HEADLINE])}.", "",
+            f"pieces a side; the prompts lie in order through the split): {_acc(ts['real_vs_real'][HEADLINE])}.", "",
             _md_table(("features", "generated vs real", "real vs real (control)"), rows), ""]
 
 
@@ -372,7 +376,7 @@ def print_summary(ev: Evaluation) -> None:
         if ts := ev.two_sample:
             print(f"two-sample test: skipped ({ts['skipped']})" if "skipped" in ts else
                   f"a classifier tells generated from real {ts['generated_vs_real'][HEADLINE]:.2f} of the time "
-                  f"(real from real: {ts['real_vs_real'][HEADLINE] or 0:.2f}; {HEADLINE}, {ts['pieces']} pieces of "
+                  f"(real from real: {_acc(ts['real_vs_real'][HEADLINE])}; {HEADLINE}, {ts['pieces']} pieces of "
                   f"{ts['chars']} characters)")
         table(("style", "book", "generated", "real"), style_rows(ev.style) + theme_rows(ev.style["themes"]), 10)
     if (ov := ev.curves).get("evals"):
