@@ -185,6 +185,8 @@ class GPT(nn.Module):
                                           for _ in range(config.value_embeds))
         # a skip from block i's output into block n_layer - 1 - i, for the first half's blocks
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
+        # multi-token prediction: a block on top of the last whose output predicts the token after next (training only)
+        self.mtp = Block(config, config.n_layer - 1) if config.mtp_weight > 0 else None
         self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -244,7 +246,7 @@ class GPT(nn.Module):
         """Change every dropout rate of the model (embedding, attention, residual) to p, as a dropout
         schedule does during training. The model's config keeps the rate it was built with."""
         self.drop.p = p
-        for block in self.blocks:
+        for block in [*self.blocks, *([self.mtp] if self.mtp is not None else [])]:
             block.attn.resid_dropout.p = block.mlp.dropout.p = block.attn.attn_dropout_p = p
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -273,14 +275,23 @@ class GPT(nn.Module):
                 skips.append(x)
         if cache is not None:
             cache.pos += T
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            if self.mtp is not None and self.training:  # position t also predicts token t + 2, targets[:, t + 1]
+                ahead = self.head(self.mtp(x, rope)[:, :-1])
+                loss = loss + self.config.mtp_weight * F.cross_entropy(
+                    ahead.float().flatten(0, 1), targets[:, 1:].reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream (B, T, C) -> logits (B, T, vocab): final norm, output head, optional soft cap."""
         logits = self.lm_head(self.ln_f(x))
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> KVCache:
         """A cache in the dtype attention computes in (autocast's, when it is on): a float32 cache

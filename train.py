@@ -105,8 +105,8 @@ class Run:
         # the estimates read train and val; the steps read train_split (train, or its random segmentations)
         self.batches = {s: Batches(data_dir, s, self.meta["dtype"], cfg.block_size, cfg.batch_size, d.device)
                         for s in ("train", "val")}
-        step_batches = self.batches.get(cfg.train_split) or Batches(
-            data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size, d.device)
+        self.step_batches = Batches(data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size,
+                                    d.device, cfg.windows)
         self.teacher = load_teacher(cfg.distill_from, self.meta, cfg.block_size, d.device) if cfg.distill_from else None
         if cfg.init_from == "scratch" and not cfg.overwrite and any((self.out_dir / f).is_file() for f in FILES.values()):
             raise UserError(f"{self.out_dir} already holds a trained run; continue it with --init_from=resume, train "
@@ -128,7 +128,7 @@ class Run:
         torch.manual_seed(cfg.seed + 1000 * d.rank + 1)  # this rank's dropout stream
         self.state = RunState()
         saved = self.restore(model_cfg, gen) if cfg.init_from == "resume" else {}
-        self.loader = Loader(step_batches, gen)  # after restore: where the saved stream stands
+        self.loader = Loader(self.step_batches, gen)  # after restore: where the saved stream stands
         # the weight average: the checkpoint's, or one starting from the weights as they stand
         self.ema = WeightAverage(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
         if self.ema is not None and saved.get("ema"):
@@ -157,7 +157,7 @@ class Run:
         # the counters under RunState's names; a key an older checkpoint lacks keeps its starting value
         self.state = RunState(**{k: ckpt.get(k, v) for k, v in asdict(self.state).items()})
         if self.d.rank < len(ckpt["rng"]):  # a job resumed with more processes: the new ones start fresh streams
-            set_rng_state(ckpt["rng"][self.d.rank], gen, self.d.device)
+            set_rng_state(ckpt["rng"][self.d.rank], self.step_batches, gen, self.d.device)
         if self.d.master:
             print(f"resumed from step {self.state.iter_num} ({path})")
         return ckpt

@@ -328,6 +328,8 @@ class GPTConfig:
     zero_init: bool = opt(False, "projections into the residual stream start at zero: every block starts as the identity")
     attn_gate: bool = opt(False, "per-head attention output gates: each head's output times a sigmoid of a learned "
                                  "projection of the block's input (about 0.5 at the start)")
+    mtp_weight: float = opt(0.0, "multi-token prediction: one more block on top of the last also predicts the token after "
+                                 "next, its cross-entropy added to the loss times this weight (training only; 0 = off)")
     drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
                                 "branch for a sequence, from 0 at the first block rising linearly to this at the last")
 
@@ -345,6 +347,8 @@ class GPTConfig:
             raise ValueError(f"'vocab_size' must be 0 (the data's) or more, got {self.vocab_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.mtp_weight < 0:
+            raise ValueError(f"mtp_weight must be 0 (off) or more, got {self.mtp_weight}")
         for key in ("dropout", "drop_path"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")

@@ -42,6 +42,8 @@ class TrainConfig(OptimConfig, GPTConfig):
     # where things are
     out_dir: str = opt("out/wp_bpe_cpu", "run directory for checkpoints, metrics and config")
     data_dir: str = opt("data/war_and_peace_bpe2048", "folder written by prepare.py")
+    windows: str = opt("random", "how training draws its windows: random (each anywhere) or epoch (each pass over "
+                                 "the text cut into whole windows from a random offset, shuffled)", ("epoch", "random"))
     train_split: str = opt("train", "the token file training steps draw windows from: train, or train_dropout (several "
                                     "random segmentations of train: prepare.py --bpe_dropout)", ("train", "train_dropout"))
     init_from: str = opt("scratch", "scratch or resume (from out_dir/ckpt.pt, with out_dir/config.json)",
@@ -191,16 +193,17 @@ def estimate_loss(model: torch.nn.Module, batches: dict[str, Batches], cfg: Trai
 
 def rng_state(loader: Loader, device: str) -> dict[str, Any]:
     """This process's random streams: the CPU's, the batch stream, and its own device's (dropout)."""
-    state = {"torch": torch.get_rng_state(), "batches": loader.state()}
+    gen_state, pos = loader.state()
+    state = {"torch": torch.get_rng_state(), "batches": gen_state, "batches_pos": pos}
     device_state = device_rng_state(device)
     if device_state is not None:
         state[torch.device(device).type] = device_state
     return state
 
 
-def set_rng_state(state: dict[str, Any], gen: torch.Generator, device: str) -> None:
+def set_rng_state(state: dict[str, Any], batches: Batches, gen: torch.Generator, device: str) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    gen.set_state(state["batches"].cpu())
+    batches.resume(gen, state["batches"].cpu(), state.get("batches_pos", 0))
     kind = torch.device(device).type
     if kind != "cpu" and not set_device_rng_state(state.get(kind), device):
         print(f"warning: the checkpoint holds no random state for {device} (it was saved on another kind of "

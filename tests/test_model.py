@@ -20,6 +20,7 @@ VARIANTS = {
     "levers": dict(value_embeds=1, unet_skips=True),  # the speedrun's levers; zero_init below
     "gpt2_levers": dict(**GPT2, value_embeds=1, unet_skips=True),  # its cache stores the values as computed
     "attn_gate": dict(attn_gate=True),
+    "mtp": dict(mtp_weight=0.5),  # in eval mode (as here) the model is the one without its extra block
 }
 
 
@@ -482,3 +483,29 @@ def test_attention_gates_scale_each_heads_output() -> None:
         attn(x, rope)
         torch.testing.assert_close(captured["gated"][..., :16], 0.5 * captured["plain"][..., :16])
         assert not torch.allclose(captured["gated"][..., 16:], 0.5 * captured["plain"][..., 16:])
+
+
+def test_multi_token_prediction_adds_the_token_after_next_in_training_only() -> None:
+    """mtp_weight w: in training the loss is the next token's cross-entropy plus w times that of the token after
+    next, predicted from one more block on the last block's output through the same norm and head; in eval mode
+    (validation, evaluation, sampling) the logits and the loss are the plain model's."""
+    mtp, plain = tiny(mtp_weight=0.5), tiny()
+    plain.load_state_dict({k: v for k, v in mtp.state_dict().items() if not k.startswith("mtp.")})
+    idx, targets = torch.randint(0, 37, (2, 3, 16))
+    logits, loss = mtp(idx, targets)
+    torch.testing.assert_close((logits, loss), plain(idx, targets))
+    with torch.no_grad():
+        for p in mtp.mtp.parameters():  # the extra block is not the identity, so its prediction differs
+            p.add_(0.05 * torch.randn_like(p))
+    mtp.train(), plain.train()
+    mtp.set_dropout(0.0), plain.set_dropout(0.0)
+    captured = {}
+    mtp.blocks[-1].register_forward_hook(lambda module, args, out: captured.__setitem__("x", out))
+    logits, loss = mtp(idx, targets)
+    rope = (mtp.rope_cos, mtp.rope_sin)
+    ahead = mtp.head(mtp.mtp(captured["x"], rope))[:, :-1]
+    main = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, main + 0.5 * F.cross_entropy(ahead.flatten(0, 1), targets[:, 1:].flatten()))
+    torch.testing.assert_close(main, plain(idx, targets)[1])
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mtp.mtp.parameters())

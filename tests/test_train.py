@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -545,15 +546,60 @@ def test_a_training_step_never_waits_for_the_device(tiny_char_data: Path, optimi
         assert stepped and math.isfinite(loss.item())
 
 
-def test_batches_are_drawn_ahead_and_the_saved_stream_redraws_the_next(tiny_char_data: Path) -> None:
-    meta = json.loads((tiny_char_data / "meta.json").read_text())
-    b = batches.Batches(tiny_char_data, "train", meta["dtype"], 16, 3, "cpu")
+@pytest.mark.parametrize("windows", ["random", "epoch"])
+def test_batches_are_drawn_ahead_and_the_saved_stream_redraws_the_next(tmp_path: Path, windows: str) -> None:
+    """A checkpoint saves Loader.state(): a resume from any step, a pass's last batch included, draws what came next."""
+    np.arange(200, dtype=np.uint16).tofile(tmp_path / "train.bin")  # token i is i: a row's first token is its start
+    b = batches.Batches(tmp_path, "train", "uint16", 16, 3, "cpu", windows)
     loader = batches.Loader(b, torch.Generator().manual_seed(5))
-    next(loader)
-    saved = loader.state()  # a checkpoint taken now: the batch drawn ahead is not counted as used
-    following = [next(loader) for _ in range(3)]
-    again = batches.Loader(b, torch.Generator().set_state(saved))
-    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(following, (next(again) for _ in range(3))))
+    stream = []
+    for _ in range(12):  # passes of 3 or 4 batches: every kind of place to stop
+        stream.append((loader.state(), next(loader)))  # the batch drawn ahead is not counted as used
+    for k, (saved, _) in enumerate(stream):
+        again = batches.Batches(tmp_path, "train", "uint16", 16, 3, "cpu", windows)
+        gen = torch.Generator()
+        again.resume(gen, *saved)
+        redrawn = batches.Loader(again, gen)
+        for _, (x, y) in stream[k:]:
+            x2, y2 = next(redrawn)
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_epoch_windows_cover_the_text_once_a_pass(tmp_path: Path) -> None:
+    """windows=epoch: a pass's windows start at one random offset plus multiples of block_size, none twice, in a
+    shuffled order; a pass hands out all of them but the last part batch; the next pass has a new offset and order."""
+    np.arange(200, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    b = batches.Batches(tmp_path, "train", "uint16", 16, 3, "cpu", "epoch")
+    gen = torch.Generator().manual_seed(0)
+    passes = []
+    while len(passes) < 6:
+        x, y = b.get(gen)
+        assert torch.equal(y, x + 1) and x.shape == (3, 16)
+        if b.pos == 3:
+            passes.append([])
+        passes[-1] += x[:, 0].tolist()
+    for starts in passes[:-1]:
+        offset = starts[0] % 16
+        count = (199 - offset) // 16
+        assert all(s % 16 == offset for s in starts) and len(set(starts)) == len(starts) == count - count % 3
+        assert starts != sorted(starts)
+    assert len({tuple(p) for p in passes}) == len(passes) and len({p[0] % 16 for p in passes}) > 1
+    with pytest.raises(UserError, match="fewer than batch_size=20 whole windows"):
+        batches.Batches(tmp_path, "train", "uint16", 16, 20, "cpu", "epoch")
+
+
+def test_epoch_windows_and_multi_token_prediction_train_and_resume_exactly(tiny_char_data: Path, tmp_path: Path) -> None:
+    kw = dict(windows="epoch", mtp_weight=0.5, dropout=0.1, lr_decay_iters=24, eval_interval=12)
+    run(tiny_char_data, tmp_path / "straight", max_iters=24, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=12, **kw)
+    run(tiny_char_data, tmp_path / "split", max_iters=24, init_from="resume", **kw)
+    def losses(out: Path) -> list[tuple]:
+        return [(r["iter"], r["loss"]) for r in records(out, "train")]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bit-identical, step for step
+    evals = records(tmp_path / "straight", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert any(k.startswith("mtp.") for k in load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"])
 
 
 def test_non_finite_loss_between_log_steps_names_its_step_and_saves_nothing(
