@@ -1,6 +1,6 @@
-"""Training batches: windows of a prepared split (random, or shuffled passes over it), read from its memory-mapped bin, drawn one
-batch ahead so the copy to the device overlaps the step, from a generator whose state a checkpoint
-saves; and the meta.json check of the folder training reads.
+"""Training batches: windows of a prepared split (random, or shuffled passes over it), read from its
+memory-mapped bin, drawn one batch ahead so the copy to the device overlaps the step, from a generator
+whose state a checkpoint saves; and the meta.json check of the folder training reads.
 """
 from __future__ import annotations
 
