@@ -16,11 +16,13 @@ from bookgpt.checkpoint import checkpoint_path, data_difference, load_checkpoint
 from bookgpt.config import UserError
 
 
-def teacher_checkpoints(runs: tuple[str, ...], meta: dict[str, Any], block_size: int) -> list[tuple[dict[str, Any], Path]]:
-    """The best.pt of each teacher run, checked to fit the student: the same data, at least its context."""
+def teacher_checkpoints(runs: tuple[str, ...], meta: dict[str, Any], block_size: int,
+                        which: str = "best") -> list[tuple[dict[str, Any], Path]]:
+    """One checkpoint of each teacher run (best.pt, or ema.pt: its weight average), checked to fit the
+    student: the same data, at least its context."""
     found = []
     for run in runs:
-        path = checkpoint_path(run, "best")
+        path = checkpoint_path(run, which)
         ckpt = load_checkpoint(path)
         if diff := data_difference(ckpt["meta"], meta):
             raise UserError(f"cannot distil from {path}: it was trained on other data ({diff}); "

@@ -55,7 +55,8 @@ class TrainConfig(OptimConfig, GPTConfig):
     # a weight average; distillation: learn from trained runs' predictions as well as from the text
     ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
                                 "0.99); each eval scores it on val and saves it as ema.pt when it improves (0 = off)")
-    distill_from: tuple[str, ...] = opt((), "teacher runs (out_dirs; their best.pt); none = off")
+    distill_from: tuple[str, ...] = opt((), "teacher runs (out_dirs); none = off")
+    distill_ckpt: str = opt("best", "each teacher's checkpoint: best (best.pt) or ema (ema.pt, its weight average)")
     distill_weight: float = opt(0.5, "share of the loss that is cross-entropy against the teachers' mean distribution")
     # budget
     max_iters: int = opt(600, "the budget: stop after this many steps (the LR schedule decays over them)")
@@ -115,6 +116,9 @@ def validate(cfg: TrainConfig) -> None:
                         f"dropout rises to its rate; 0 = off)")
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise UserError(f"distill_weight must be in [0, 1], got {cfg.distill_weight}")
+    if cfg.distill_ckpt not in ("best", "ema"):
+        raise UserError(f"unknown distill_ckpt '{cfg.distill_ckpt}': use best (best.pt) or ema (ema.pt, the "
+                        f"teacher's weight average)")
 
 
 @dataclass

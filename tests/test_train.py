@@ -272,6 +272,13 @@ def test_distillation_from_an_ensemble_of_runs(tiny_char_data: Path, tmp_path: P
     (solo,) = records(tmp_path / "s1", "teacher")
     best = [load_checkpoint(tmp_path / t / "best.pt")["best_val_loss"] for t in ("t1", "t2")]
     assert solo["val_loss"] == pytest.approx(best[0], rel=1e-6)
+    # or each teacher's weight average (ema.pt): then its own best val loss
+    run(tiny_char_data, tmp_path / "t3", ema_decay=0.9, **kw)
+    run(tiny_char_data, tmp_path / "s3", distill_from=str(tmp_path / "t3"), distill_ckpt="ema", max_iters=1)
+    (averaged,) = records(tmp_path / "s3", "teacher")
+    ema = load_checkpoint(tmp_path / "t3" / "ema.pt")
+    assert averaged["val_loss"] == pytest.approx(ema["best_val_loss"], rel=1e-6)
+    assert averaged["val_loss"] != pytest.approx(load_checkpoint(tmp_path / "t3" / "best.pt")["best_val_loss"], rel=1e-4)
     # averaging probabilities never loses to the runs' mean loss (-log is convex), and here it gains
     assert teacher["val_loss"] < sum(best) / 2 - 1e-3
     evals = records(out, "eval")
@@ -296,6 +303,8 @@ def test_distillation_refuses_teachers_it_cannot_use(tiny_char_data: Path, tmp_p
     args = tiny_train_args(tiny_char_data, tmp_path / "x")
     r = subprocess.run([sys.executable, "train.py", *args, "--distill_weight=1.5"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: distill_weight must be in [0, 1], got 1.5"
+    r = subprocess.run([sys.executable, "train.py", *args, "--distill_ckpt=last"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown distill_ckpt 'last'")
     r = subprocess.run([sys.executable, "train.py", *args, f"--distill_from={tmp_path / 'nowhere'}"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoint at") and not (tmp_path / "x").exists()
