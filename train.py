@@ -74,10 +74,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def load_teacher(runs: tuple[str, ...], meta: dict[str, Any], block_size: int, device: str, which: str = "best") -> Teacher:
+def load_teacher(runs: tuple[str, ...], meta: dict[str, Any], block_size: int, device: str, which: str = "best",
+                 compile: bool = False) -> Teacher:
     """Distillation's teacher: one checkpoint of each run, checked to fit the student (distill.teacher_checkpoints)."""
     checkpoints = teacher_checkpoints(runs, meta, block_size, which)
-    return Teacher([GPT.from_checkpoint(ckpt, path, device) for ckpt, path in checkpoints])
+    return Teacher([GPT.from_checkpoint(ckpt, path, device) for ckpt, path in checkpoints], compile)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -108,7 +109,8 @@ class Run:
                         for s in ("train", "val")}
         self.step_batches = Batches(data_dir, cfg.train_split, self.meta["dtype"], cfg.block_size, cfg.batch_size,
                                     d.device, cfg.windows)
-        self.teacher = load_teacher(cfg.distill_from, self.meta, cfg.block_size, d.device, cfg.distill_ckpt) if cfg.distill_from else None
+        self.teacher = load_teacher(cfg.distill_from, self.meta, cfg.block_size, d.device, cfg.distill_ckpt,
+                                    cfg.compile) if cfg.distill_from else None
         if cfg.init_from == "scratch" and not cfg.overwrite and any((self.out_dir / f).is_file() for f in FILES.values()):
             raise UserError(f"{self.out_dir} already holds a trained run; continue it with --init_from=resume, train "
                             f"into another --out_dir, or replace it with --overwrite=true")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bookgpt.checkpoint import checkpoint_path, data_difference, load_checkpoint
+from bookgpt.common import CompiledWithFallback
 from bookgpt.config import UserError
 
 
@@ -39,8 +40,9 @@ class Teacher(torch.nn.Module):
     log of the mean probabilities as logits, and their cross-entropy with targets, as GPT.forward
     does, so train.py's estimate_loss scores the teacher too."""
 
-    def __init__(self, models: list[torch.nn.Module]) -> None:
+    def __init__(self, models: list[torch.nn.Module], compile: bool = False) -> None:
         super().__init__()
+        models = [CompiledWithFallback(m) if compile else m for m in models]  # a teacher's forward is a third of a step
         self.models = torch.nn.ModuleList(m.eval().requires_grad_(False) for m in models)
 
     def train(self, mode: bool = True) -> "Teacher":
