@@ -42,7 +42,7 @@ class Teacher(torch.nn.Module):
 
     def __init__(self, models: list[torch.nn.Module], compile: bool = False) -> None:
         super().__init__()
-        models = [CompiledWithFallback(m) if compile else m for m in models]  # a teacher's forward is a third of a step
+        models = [CompiledWithFallback(m) if compile else m for m in models]  # compiled as the student is
         self.models = torch.nn.ModuleList(m.eval().requires_grad_(False) for m in models)
 
     def train(self, mode: bool = True) -> "Teacher":
