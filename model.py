@@ -181,6 +181,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # the order the blocks run in: layer looping (loop_blocks = k) runs the middle k twice, 0 1 2 3 2 3 4 5
+        self.looped = range((config.n_layer - config.loop_blocks) // 2, (config.n_layer + config.loop_blocks) // 2)
+        self.order = list(range(self.looped.stop)) + list(range(self.looped.start, config.n_layer))
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
                                           for _ in range(config.value_embeds))
         # a skip from block i's output into block n_layer - 1 - i, for the first half's blocks
@@ -235,8 +238,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (see training_flops)."""
-        return training_flops(self, self.config.n_layer, self.config.n_embd, seq_len or self.config.block_size)
+        """Training FLOPs per token (see training_flops), a looped block's counted each time it runs."""
+        looped = 6 * sum(m.weight.numel() for i in self.looped for m in self.blocks[i].modules()
+                         if isinstance(m, nn.Linear))
+        return looped + training_flops(self, len(self.order), self.config.n_embd, seq_len or self.config.block_size)
 
     def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
@@ -266,13 +271,13 @@ class GPT(nn.Module):
         n, k = self.config.n_layer, self.config.value_embeds
         tables = [t(idx) for t in self.value_embeds]
         ves = tables + [None] * (n - 2 * k) + tables  # block i's value embedding: the first k and the last k
-        skips = []
-        for i, block in enumerate(self.blocks):
+        skips = {}  # block i's latest output, for the skip into block n - 1 - i
+        for layer, i in enumerate(self.order):  # the cache keeps one layer per block run: a looped block has two
             if self.skip_weights is not None and i >= n - len(self.skip_weights):
                 x = x + self.skip_weights[n - 1 - i] * skips[n - 1 - i]
-            x = block(x, rope, cache, i, ves[i])
+            x = self.blocks[i](x, rope, cache, layer, ves[i])
             if self.skip_weights is not None and i < len(self.skip_weights):
-                skips.append(x)
+                skips[i] = x
         if cache is not None:
             cache.pos += T
         logits = self.head(x)
@@ -297,7 +302,7 @@ class GPT(nn.Module):
         """A cache in the dtype attention computes in (autocast's, when it is on): a float32 cache
         under bf16 autocast would be cast whole, every token, to meet the bf16 queries."""
         c, dtype = self.config, dtype or self.compute_dtype()
-        return KVCache(c.n_layer, batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+        return KVCache(len(self.order), batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype matrix products run in right now: autocast's if it is on for this device."""

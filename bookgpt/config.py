@@ -330,6 +330,8 @@ class GPTConfig:
                                  "projection of the block's input (about 0.5 at the start)")
     mtp_weight: float = opt(0.0, "multi-token prediction: one more block on top of the last also predicts the token after "
                                  "next, its cross-entropy added to the loss times this weight (training only; 0 = off)")
+    loop_blocks: int = opt(0, "layer looping: the middle this many blocks run twice in a row (6 blocks, 2: blocks 0 1 2 3 "
+                              "2 3 4 5), more depth for the same parameters (0 = off)")
     drop_path: float = opt(0.0, "stochastic depth: the chance that a training step skips a block's attention or MLP "
                                 "branch for a sequence, from 0 at the first block rising linearly to this at the last")
 
@@ -355,6 +357,8 @@ class GPTConfig:
         if not 0 <= self.value_embeds <= self.n_layer // 2:
             raise ValueError(f"value_embeds must be 0..n_layer // 2 = {self.n_layer // 2} (a table for a block of "
                              f"each half), got {self.value_embeds}")
+        if not 0 <= self.loop_blocks <= self.n_layer:
+            raise ValueError(f"loop_blocks must be 0..n_layer = {self.n_layer}, got {self.loop_blocks}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, n_embd / n_head = {self.n_embd // self.n_head}")
 

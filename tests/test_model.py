@@ -21,6 +21,7 @@ VARIANTS = {
     "gpt2_levers": dict(**GPT2, value_embeds=1, unet_skips=True),  # its cache stores the values as computed
     "attn_gate": dict(attn_gate=True),
     "mtp": dict(mtp_weight=0.5),  # in eval mode (as here) the model is the one without its extra block
+    "loop": dict(n_layer=3, loop_blocks=1, value_embeds=1, unet_skips=True),  # block 1 runs twice: 0 1 1 2
 }
 
 
@@ -483,6 +484,28 @@ def test_attention_gates_scale_each_heads_output() -> None:
         attn(x, rope)
         torch.testing.assert_close(captured["gated"][..., :16], 0.5 * captured["plain"][..., :16])
         assert not torch.allclose(captured["gated"][..., 16:], 0.5 * captured["plain"][..., 16:])
+
+
+def test_layer_looping_runs_the_middle_blocks_twice_with_the_same_parameters() -> None:
+    """loop_blocks=k: the middle k blocks run a second time right after their first, with no new parameters; the
+    FLOPs count them twice; the KV cache keeps a layer per run (the cache test above)."""
+    looped, plain = tiny(n_layer=4, loop_blocks=2), tiny(n_layer=4)
+    assert looped.order == [0, 1, 2, 1, 2, 3] and plain.order == [0, 1, 2, 3]
+    assert tiny(n_layer=5, loop_blocks=1).order == [0, 1, 2, 2, 3, 4]
+    assert looped.state_dict().keys() == plain.state_dict().keys()
+    looped.load_state_dict(plain.state_dict())
+    runs = []
+    for i, block in enumerate(looped.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: runs.append(i))
+    idx = torch.randint(0, 37, (2, 16))
+    with torch.no_grad():
+        assert not torch.allclose(looped(idx)[0], plain(idx)[0])  # zero_init is off: each block does something
+    assert runs == [0, 1, 2, 1, 2, 3]
+    per_block = 6 * sum(m.weight.numel() for m in plain.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    assert looped.flops_per_token() - plain.flops_per_token() == 2 * (per_block + 12 * 32 * 16)
+    assert len(looped.new_cache(1, torch.device("cpu")).kv) == 6
+    with pytest.raises(ValueError, match="loop_blocks must be 0..n_layer = 4"):
+        GPTConfig(n_layer=4, loop_blocks=5)
 
 
 def test_multi_token_prediction_adds_the_token_after_next_in_training_only() -> None:
